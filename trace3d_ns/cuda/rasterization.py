@@ -1,0 +1,187 @@
+"""Tile-based torch rasterizer: gsplat 1.4.0 `rasterization(packed=False)` on any device.
+
+The CPU backend of trace3d-ns. Projection and colour evaluation are differentiable torch; the
+(Gaussian, pixel) pairs that contribute are found without gradients per 16x16 tile
+(`tiles.contributing_pairs`), then alpha, transmittance and the composite are recomputed on
+those pairs only, with autograd. Memory and time grow with contributions, not Gaussians x pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from trace3d_ns.cuda.projection import project_gaussians
+from trace3d_ns.cuda.sh import spherical_harmonics
+from trace3d_ns.cuda.tiles import contributing_pairs, exclusive_transmittance, intersect_tiles, splat_alpha
+
+RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+
+
+def pair_weights(
+    gaussian_ids: Tensor,  # [P] grouped by pixel, front to back
+    pixel_ids: Tensor,  # [P] row-major pixel index
+    pair_means2d: Tensor,  # [P, 2] means2d[gaussian_ids]
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    width: int,
+) -> Tensor:
+    """Blending weight alpha * T of each listed pair. [P]"""
+    px = (pixel_ids % width).to(pair_means2d.dtype) + 0.5
+    py = torch.div(pixel_ids, width, rounding_mode="floor").to(pair_means2d.dtype) + 0.5
+    _, alpha = splat_alpha(pair_means2d, conics[gaussian_ids], opacities[gaussian_ids], px, py)  # [P]
+    return alpha * exclusive_transmittance(alpha, pixel_ids)
+
+
+def composite_pairs(
+    gaussian_ids: Tensor,  # [P] grouped by pixel, front to back
+    pixel_ids: Tensor,  # [P]
+    means2d: Tensor,  # [N, 2]
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [N, D]
+    width: int,
+    height: int,
+    absgrad: Optional[Tensor] = None,  # [N, 2] filled with sum |dL/dmeans2d| per pair in backward
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Differentiable front-to-back compositing of the listed pairs.
+
+    Returns (colours [H*W, D] without background, alphas [H*W], weights alpha*T [P]).
+    """
+    pair_means = means2d[gaussian_ids]  # [P, 2]
+    if absgrad is not None and pair_means.requires_grad:
+
+        def accumulate_absgrad(grad: Tensor) -> None:
+            absgrad.index_add_(0, gaussian_ids, grad.abs())
+
+        pair_means.register_hook(accumulate_absgrad)
+    weights = pair_weights(gaussian_ids, pixel_ids, pair_means, conics, opacities, width)  # [P]
+    num_pixels = width * height
+    image = colors.new_zeros(num_pixels, colors.shape[-1]).index_add(
+        0, pixel_ids, weights[:, None] * colors[gaussian_ids]
+    )  # [H*W, D]
+    alphas = weights.new_zeros(num_pixels).index_add(0, pixel_ids, weights)  # [H*W]
+    return image, alphas, weights
+
+
+def rasterization(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [(C,) N, D] or [(C,) N, K, 3] with sh_degree
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
+    sh_degree: Optional[int] = None,
+    packed: bool = False,
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,  # [C, D]
+    render_mode: str = "RGB",
+    sparse_grad: bool = False,
+    absgrad: bool = False,
+    rasterize_mode: str = "classic",
+    camera_model: str = "pinhole",
+    **unsupported: Any,
+) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """Same arguments, outputs and `meta` as `gsplat.rendering.rasterization(packed=False)`.
+
+    Returns (render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta).
+    """
+    if packed or camera_model != "pinhole" or sparse_grad or unsupported:
+        extra = ", ".join(sorted(unsupported))
+        raise NotImplementedError(
+            "The torch rasterizer supports packed=False, camera_model='pinhole', sparse_grad=False"
+            + (f"; unsupported arguments: {extra}" if extra else "")
+        )
+    if render_mode not in RENDER_MODES:
+        raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
+    N, C = means.shape[0], viewmats.shape[0]
+
+    proj = project_gaussians(
+        means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
+        far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
+    )
+    opacities_c = opacities.expand(C, N)  # [C, N]
+    if proj.compensations is not None:
+        opacities_c = opacities_c * proj.compensations
+
+    if sh_degree is None:
+        colors_c = colors.expand(C, -1, -1) if colors.dim() == 2 else colors  # [C, N, D]
+    else:
+        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+        dirs = means[None] - campos[:, None]  # [C, N, 3]
+        shs = colors.expand(C, -1, -1, -1) if colors.dim() == 3 else colors  # [C, N, K, 3]
+        colors_c = torch.clamp_min(spherical_harmonics(sh_degree, dirs, shs) + 0.5, 0.0)  # [C, N, 3]
+
+    if render_mode in ("RGB+D", "RGB+ED"):
+        colors_c = torch.cat([colors_c, proj.depths[..., None]], dim=-1)
+        if backgrounds is not None:
+            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], dim=-1)
+    elif render_mode in ("D", "ED"):
+        colors_c = proj.depths[..., None]
+        if backgrounds is not None:
+            backgrounds = backgrounds.new_zeros(C, 1)
+
+    tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
+    tile_bits = (tile_width * tile_height).bit_length()
+    n_tiles = tile_width * tile_height
+    isect_cam = isect.isect_ids >> (32 + tile_bits)
+    cam_bounds = torch.searchsorted(isect_cam, torch.arange(C + 1, device=isect_cam.device))
+
+    absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
+    renders, alphas = [], []
+    for c in range(C):
+        lo, hi = int(cam_bounds[c]), int(cam_bounds[c + 1])
+        gids, pids = contributing_pairs(
+            proj.means2d[c], proj.conics[c], opacities_c[c],
+            isect.flatten_ids[lo:hi].long() - c * N, (isect.isect_ids[lo:hi] >> 32) - c * n_tiles,
+            width, height, tile_size, tile_width,
+        )
+        image, alpha, _ = composite_pairs(
+            gids, pids, proj.means2d[c], proj.conics[c], opacities_c[c], colors_c[c], width, height,
+            absgrad=None if absgrad_buffer is None else absgrad_buffer[c],
+        )
+        if backgrounds is not None:
+            image = image + (1.0 - alpha)[:, None] * backgrounds[c]
+        renders.append(image.reshape(height, width, -1))
+        alphas.append(alpha.reshape(height, width, 1))
+    render_colors, render_alphas = torch.stack(renders), torch.stack(alphas)  # [C, H, W, X], [C, H, W, 1]
+
+    if render_mode in ("ED", "RGB+ED"):
+        render_colors = torch.cat(
+            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
+        )
+    if absgrad_buffer is not None:
+        proj.means2d.absgrad = absgrad_buffer
+    meta = {
+        "camera_ids": None,
+        "gaussian_ids": None,
+        "radii": proj.radii,
+        "means2d": proj.means2d,
+        "depths": proj.depths,
+        "conics": proj.conics,
+        "opacities": opacities_c,
+        "tile_width": tile_width,
+        "tile_height": tile_height,
+        "tiles_per_gauss": isect.tiles_per_gauss,
+        "isect_ids": isect.isect_ids,
+        "flatten_ids": isect.flatten_ids,
+        "isect_offsets": isect.isect_offsets,
+        "width": width,
+        "height": height,
+        "tile_size": tile_size,
+        "n_cameras": C,
+    }
+    return render_colors, render_alphas, meta

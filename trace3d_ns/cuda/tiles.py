@@ -1,0 +1,161 @@
+"""Tile binning and per-pixel contribution lists (no gradients), gsplat 1.4.0 semantics.
+
+`intersect_tiles` produces gsplat's `isect_ids` / `flatten_ids` / `isect_offsets` (so the CPU
+`info` matches what gsplat strategies and `rasterize_to_indices_in_range` consume), vectorized.
+`contributing_pairs` lists, for one camera, every (Gaussian, pixel) pair the compositor uses:
+alpha >= 1/255, sigma >= 0, in front of the point where transmittance would drop to <= 1e-4.
+Pairs come grouped by pixel, front to back within a pixel (the layout of gsplat's
+`rasterize_to_indices_in_range`), so both backends feed the same compositing code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+ALPHA_MIN = 1.0 / 255.0
+ALPHA_MAX = 0.999
+TRANSMITTANCE_MIN = 1e-4
+
+
+class TileIntersections(NamedTuple):
+    tiles_per_gauss: Tensor  # [C, N] int32
+    isect_ids: Tensor  # [M] int64: camera | tile | depth bits, sorted
+    flatten_ids: Tensor  # [M] int32: c * N + n
+    isect_offsets: Tensor  # [C, tile_height, tile_width] int32: first intersection of each tile
+
+
+@torch.no_grad()
+def intersect_tiles(
+    means2d: Tensor,  # [C, N, 2]
+    radii: Tensor,  # [C, N]
+    depths: Tensor,  # [C, N]
+    tile_size: int,
+    tile_width: int,
+    tile_height: int,
+) -> TileIntersections:
+    """Every (camera, tile, Gaussian) overlap of the Gaussians' square 3-sigma boxes, sorted by
+    camera, tile, then depth (stable, so equal depths keep Gaussian order as gsplat's radix sort)."""
+    C, N = radii.shape
+    device = means2d.device
+    centre = means2d.detach() / tile_size  # [C, N, 2]
+    r = (radii / tile_size)[..., None]  # [C, N, 1]
+    limits = torch.tensor([tile_width, tile_height], device=device)
+    tmin = torch.minimum(torch.floor(centre - r).clamp(min=0).long(), limits)  # [C, N, 2]
+    tmax = torch.minimum(torch.ceil(centre + r).clamp(min=0).long(), limits)  # [C, N, 2]
+    extent = tmax - tmin  # [C, N, 2]
+    counts = (extent[..., 0] * extent[..., 1]) * (radii > 0)  # [C, N]
+
+    flat_counts = counts.reshape(-1)  # [C * N]
+    owner = torch.repeat_interleave(torch.arange(C * N, device=device), flat_counts)  # [M]
+    local = torch.arange(owner.numel(), device=device) - (torch.cumsum(flat_counts, 0) - flat_counts)[owner]
+    box_w = extent.reshape(-1, 2)[owner, 0]
+    tx = tmin.reshape(-1, 2)[owner, 0] + local % box_w
+    ty = tmin.reshape(-1, 2)[owner, 1] + local // box_w
+    tile_id = ty * tile_width + tx  # [M]
+    cam_id = owner // N
+    depth_bits = depths.detach().float().contiguous().view(torch.int32).reshape(-1)[owner].long() & 0xFFFFFFFF
+    tile_bits = (tile_width * tile_height).bit_length()
+    isect_ids = (cam_id << (32 + tile_bits)) | (tile_id << 32) | depth_bits
+    isect_ids, order = torch.sort(isect_ids, stable=True)
+    flatten_ids = owner[order].int()
+
+    n_bins = C * tile_height * tile_width
+    bin_counts = torch.bincount(isect_ids >> 32, minlength=n_bins)  # [C * th * tw]
+    offsets = (torch.cumsum(bin_counts, 0) - bin_counts).int().reshape(C, tile_height, tile_width)
+    return TileIntersections(counts.int(), isect_ids, flatten_ids, offsets)
+
+
+def splat_alpha(
+    means2d: Tensor,  # [P, 2]
+    conics: Tensor,  # [P, 3]
+    opacities: Tensor,  # [P]
+    pixel_x: Tensor,  # [P] pixel centres (x + 0.5)
+    pixel_y: Tensor,  # [P]
+) -> tuple[Tensor, Tensor]:
+    """Per-pair Gaussian falloff sigma and alpha = min(0.999, o * exp(-sigma))."""
+    dx = means2d[..., 0] - pixel_x
+    dy = means2d[..., 1] - pixel_y
+    sigma = 0.5 * (conics[..., 0] * dx * dx + conics[..., 2] * dy * dy) + conics[..., 1] * dx * dy
+    alpha = torch.clamp(opacities * torch.exp(-sigma), max=ALPHA_MAX)
+    return sigma, alpha
+
+
+def segment_starts(pixel_ids: Tensor) -> Tensor:
+    """For pairs grouped by pixel: the index of the first pair of each pair's pixel. [P] -> [P]."""
+    _, counts = torch.unique_consecutive(pixel_ids, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.repeat_interleave(starts, counts)
+
+
+def exclusive_transmittance(alphas: Tensor, pixel_ids: Tensor) -> Tensor:
+    """T before each pair: the product of (1 - alpha) over earlier pairs of the same pixel.
+
+    Pairs must be grouped by pixel in front-to-back order. Differentiable; the running sum of
+    log(1 - alpha) is kept in float64 so segments far down the list lose no precision.
+    """
+    if alphas.numel() == 0:
+        return alphas
+    log_keep = torch.log1p(-alphas.double())  # [P]
+    before = torch.cumsum(log_keep, 0) - log_keep  # [P] exclusive prefix over all pairs
+    return torch.exp(before - before[segment_starts(pixel_ids)]).to(alphas.dtype)
+
+
+@torch.no_grad()
+def contributing_pairs(
+    means2d: Tensor,  # [N, 2] one camera
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    flatten_ids: Tensor,  # [M] this camera's sorted intersections, as indices into N
+    tile_ids: Tensor,  # [M] tile of each intersection
+    width: int,
+    height: int,
+    tile_size: int,
+    tile_width: int,
+    max_candidates: int = 1 << 23,
+    initial_transmittance: Optional[Tensor] = None,  # [H*W] T in front of the listed Gaussians
+) -> tuple[Tensor, Tensor]:
+    """(gaussian_ids [P] int64, pixel_ids [P] int64) of every pair that the compositor uses,
+    grouped by pixel (ascending row-major id), front to back within a pixel.
+
+    Candidates are all pixels of each intersected tile, evaluated in chunks of at most
+    `max_candidates` so memory stays bounded on large images.
+    """
+    device = means2d.device
+    pix_in_tile = torch.arange(tile_size * tile_size, device=device)
+    qx, qy = pix_in_tile % tile_size, pix_in_tile // tile_size  # [S]
+    num_isect = flatten_ids.numel()
+    chunk = max(1, max_candidates // pix_in_tile.numel())
+    keep_isect, keep_pix, keep_alpha = [], [], []
+    for start in range(0, num_isect, chunk):
+        gid = flatten_ids[start : start + chunk].long()  # [m]
+        tile = tile_ids[start : start + chunk]  # [m]
+        x = (tile % tile_width * tile_size)[:, None] + qx  # [m, S]
+        y = (tile // tile_width * tile_size)[:, None] + qy  # [m, S]
+        sigma, alpha = splat_alpha(
+            means2d[gid][:, None], conics[gid][:, None], opacities[gid][:, None], x + 0.5, y + 0.5
+        )
+        keep = (x < width) & (y < height) & (sigma >= 0) & (alpha >= ALPHA_MIN)  # [m, S]
+        m_idx, s_idx = keep.nonzero(as_tuple=True)
+        keep_isect.append(m_idx + start)
+        keep_pix.append(y[m_idx, s_idx] * width + x[m_idx, s_idx])
+        keep_alpha.append(alpha[m_idx, s_idx])
+    if not keep_isect:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    isect = torch.cat(keep_isect)
+    pix = torch.cat(keep_pix)
+    alpha = torch.cat(keep_alpha)
+
+    # Group by pixel; the intersection index is already in depth order within a tile.
+    order = torch.argsort(pix * max(num_isect, 1) + isect)
+    isect, pix, alpha = isect[order], pix[order], alpha[order]
+
+    # Keep the prefix of each pixel whose transmittance stays above the cut-off after the pair.
+    t_after = exclusive_transmittance(alpha.double(), pix) * (1.0 - alpha.double())
+    if initial_transmittance is not None:
+        t_after = t_after * initial_transmittance[pix].double()
+    used = t_after > TRANSMITTANCE_MIN
+    return flatten_ids[isect[used]].long(), pix[used]

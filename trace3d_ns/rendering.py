@@ -1,0 +1,111 @@
+"""One rasterization interface, two backends, chosen by the tensors' device.
+
+- CUDA tensors: gsplat's fused kernels (`gsplat.rendering.rasterization`).
+- Any other device: the project's tile-based torch rasterizer (`trace3d_ns.cuda.rasterization`).
+
+Both return `(render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta)` with the `meta` keys
+that gsplat's strategies read. `contributions` lists, for one camera, every (Gaussian, pixel,
+alpha * T) triple the compositor used: the primitive of Gaussian Instance Tracing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def rasterize(means: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """`gsplat.rendering.rasterization` signature; dispatches on `means.device`."""
+    if means.is_cuda:
+        from gsplat.rendering import rasterization
+    else:
+        from trace3d_ns.cuda.rasterization import rasterization
+    return rasterization(means, *args, **kwargs)
+
+
+@dataclass
+class Contributions:
+    """Sparse blending weights of one view: pair k says Gaussian `gaussian_ids[k]` put weight
+    `weights[k]` = alpha * T into pixel `pixel_ids[k]` (row-major). Grouped by pixel, front to back."""
+
+    gaussian_ids: Tensor  # [P] int64
+    pixel_ids: Tensor  # [P] int64
+    weights: Tensor  # [P] float32
+    width: int
+    height: int
+
+    def __len__(self) -> int:
+        return self.gaussian_ids.numel()
+
+
+IndicesFn = Callable[..., Tuple[Tensor, Tensor, Tensor]]
+
+
+@torch.no_grad()
+def contributions(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] (activated)
+    opacities: Tensor,  # [N] (activated)
+    viewmat: Tensor,  # [4, 4] world-to-camera
+    K: Tensor,  # [3, 3]
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    rasterize_mode: str = "classic",
+    tile_size: int = 16,
+    indices_fn: Optional[IndicesFn] = None,
+) -> Contributions:
+    """Every (Gaussian, pixel, alpha * T) pair of one view, exactly as the renderer composites them.
+
+    On CUDA the pairs come from gsplat's `rasterize_to_indices_in_range` (same cut-offs as its
+    renderer); elsewhere from the torch backend's tile enumeration. `indices_fn` overrides the
+    pair source with a function of gsplat's `rasterize_to_indices_in_range` signature (tests use
+    the torch twin `trace3d_ns.cuda.indices.rasterize_to_indices_in_range` to exercise this path).
+    """
+    from trace3d_ns.cuda.projection import project_gaussians
+    from trace3d_ns.cuda.rasterization import pair_weights
+    from trace3d_ns.cuda.tiles import intersect_tiles
+
+    if means.is_cuda and indices_fn is None:
+        from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
+        from gsplat.cuda._wrapper import rasterize_to_indices_in_range as indices_fn
+
+        radii, means2d, depths, conics, comp = fully_fused_projection(
+            means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d,
+            near_plane=near_plane, far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        )
+        tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
+        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th)
+        offsets = isect_offset_encode(isect_ids, 1, tw, th)
+    else:
+        proj = project_gaussians(
+            means, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane,
+            far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        )
+        radii, means2d, depths, conics, comp = proj
+        tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
+        isect = intersect_tiles(means2d, radii, depths, tile_size, tw, th)
+        flatten_ids, offsets = isect.flatten_ids, isect.isect_offsets
+    opac = opacities[None] if comp is None else opacities[None] * comp  # [1, N]
+
+    if indices_fn is not None:
+        transmittances = torch.ones(1, height, width, device=means.device)
+        gids, pids, _ = indices_fn(
+            0, 2**31 - 1, transmittances, means2d, conics, opac, width, height, tile_size, offsets, flatten_ids
+        )
+        gids, pids = gids.long(), pids.long()
+    else:
+        from trace3d_ns.cuda.tiles import contributing_pairs
+
+        gids, pids = contributing_pairs(
+            means2d[0], conics[0], opac[0], flatten_ids.long(), isect.isect_ids >> 32, width, height, tile_size, tw
+        )
+    weights = pair_weights(gids, pids, means2d[0][gids], conics[0], opac[0], width)
+    return Contributions(gids, pids, weights.float(), width, height)
