@@ -133,7 +133,7 @@ def test_transmittance_cutoff_and_alpha_clamp():
     # T would fall to 1e-4, and no single alpha may exceed 0.999.
     n = 40
     means = torch.zeros(n, 3)
-    means[:, 2] = torch.linspace(0.0, 1.0, n)
+    means[:, 2] = torch.linspace(0.0, 1e-3, n)  # same footprint, distinct depths
     quats = torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1)
     scales = torch.full((n, 3), 0.3)
     opac = torch.full((n,), 0.9)
@@ -144,10 +144,17 @@ def test_transmittance_cutoff_and_alpha_clamp():
     contrib = contributions(means, quats, scales, opac, view, K, W, H)
     centre = (H // 2) * W + W // 2
     at_centre = contrib.weights[contrib.pixel_ids == centre]
-    assert 3 <= at_centre.numel() < n  # 0.1^4 = 1e-4: the 4th layer would cross the threshold
-    assert at_centre.numel() == 3
-    rgb, alpha, _ = rasterization(means, quats, scales, torch.full((n,), 1.0), colors, view[None], K[None], W, H)
-    assert alpha.max() <= 0.999 + 1e-6  # the first Gaussian alone, clamped, then stop (0.001^2 < 1e-4)
+    # identical layers: every layer has the first one's alpha; stop exactly before T <= 1e-4
+    a = at_centre[0]
+    t_final = 1.0 - at_centre.sum()
+    assert 2 <= at_centre.numel() < n
+    torch.testing.assert_close(at_centre, a * (1 - a) ** torch.arange(at_centre.numel()), rtol=1e-3, atol=1e-7)
+    assert t_final > 1e-4 and t_final * (1 - a) <= 1e-4
+    big = torch.full((n, 3), 1.5)  # so wide that the centre pixel sees opacity 1 unclamped
+    rgb, alpha, _ = rasterization(means, quats, big, torch.full((n,), 1.0), colors, view[None], K[None], W, H)
+    # centre: the first Gaussian alone, its alpha clamped to 0.999; the next would leave T = 1e-6
+    torch.testing.assert_close(alpha[0, H // 2, W // 2, 0], torch.tensor(0.999))
+    torch.testing.assert_close(rgb[0, H // 2, W // 2], 0.999 * colors[0])
 
 
 def test_absgrad_accumulates_per_pixel_magnitudes():

@@ -102,10 +102,11 @@ def contributions(
         )
         gids, pids = gids.long(), pids.long()
     else:
-        from trace3d_ns.cuda.tiles import contributing_pairs
+        from trace3d_ns.cuda.tiles import contributing_pairs, decode_isect_ids
 
+        _, tile_ids = decode_isect_ids(isect.isect_ids, tw * th)
         gids, pids = contributing_pairs(
-            means2d[0], conics[0], opac[0], flatten_ids.long(), isect.isect_ids >> 32, width, height, tile_size, tw
+            means2d[0], conics[0], opac[0], flatten_ids.long(), tile_ids, width, height, tile_size, tw
         )
     weights = pair_weights(gids, pids, means2d[0][gids], conics[0], opac[0], width)
     return Contributions(gids, pids, weights.float(), width, height)

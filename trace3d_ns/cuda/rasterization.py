@@ -16,7 +16,13 @@ from torch import Tensor
 
 from trace3d_ns.cuda.projection import project_gaussians
 from trace3d_ns.cuda.sh import spherical_harmonics
-from trace3d_ns.cuda.tiles import contributing_pairs, exclusive_transmittance, intersect_tiles, splat_alpha
+from trace3d_ns.cuda.tiles import (
+    contributing_pairs,
+    decode_isect_ids,
+    exclusive_transmittance,
+    intersect_tiles,
+    splat_alpha,
+)
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 
@@ -135,9 +141,7 @@ def rasterization(
 
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
-    tile_bits = (tile_width * tile_height).bit_length()
-    n_tiles = tile_width * tile_height
-    isect_cam = isect.isect_ids >> (32 + tile_bits)
+    isect_cam, isect_tile = decode_isect_ids(isect.isect_ids, tile_width * tile_height)
     cam_bounds = torch.searchsorted(isect_cam, torch.arange(C + 1, device=isect_cam.device))
 
     absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
@@ -146,7 +150,7 @@ def rasterization(
         lo, hi = int(cam_bounds[c]), int(cam_bounds[c + 1])
         gids, pids = contributing_pairs(
             proj.means2d[c], proj.conics[c], opacities_c[c],
-            isect.flatten_ids[lo:hi].long() - c * N, (isect.isect_ids[lo:hi] >> 32) - c * n_tiles,
+            isect.flatten_ids[lo:hi].long() - c * N, isect_tile[lo:hi],
             width, height, tile_size, tile_width,
         )
         image, alpha, _ = composite_pairs(

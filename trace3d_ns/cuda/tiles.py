@@ -62,10 +62,17 @@ def intersect_tiles(
     isect_ids, order = torch.sort(isect_ids, stable=True)
     flatten_ids = owner[order].int()
 
-    n_bins = C * tile_height * tile_width
-    bin_counts = torch.bincount(isect_ids >> 32, minlength=n_bins)  # [C * th * tw]
+    n_tiles = tile_height * tile_width
+    cam_sorted, tile_sorted = decode_isect_ids(isect_ids, n_tiles)
+    bin_counts = torch.bincount(cam_sorted * n_tiles + tile_sorted, minlength=C * n_tiles)  # [C * th * tw]
     offsets = (torch.cumsum(bin_counts, 0) - bin_counts).int().reshape(C, tile_height, tile_width)
     return TileIntersections(counts.int(), isect_ids, flatten_ids, offsets)
+
+
+def decode_isect_ids(isect_ids: Tensor, n_tiles: int) -> tuple[Tensor, Tensor]:
+    """(camera id, tile id) of gsplat-encoded intersection ids. [M] -> [M], [M]"""
+    tile_bits = n_tiles.bit_length()
+    return isect_ids >> (32 + tile_bits), (isect_ids >> 32) & ((1 << tile_bits) - 1)
 
 
 def splat_alpha(

@@ -1,0 +1,463 @@
+"""Where the per-image 2D instance masks come from.
+
+Each source turns an RGB uint8 image ``[H, W, 3]`` into ``[K, H, W]`` bool masks that may overlap
+(:mod:`trace3d_ns.data.patches` turns them into disjoint patches). Three sources:
+
+- ``sam``: segment-anything's ``SamAutomaticMaskGenerator`` (needs a local checkpoint).
+- ``folder``: precomputed masks, one file per image (``.npy`` bool stacks or ``.png`` label maps).
+- ``superpixel``: weights-free multi-scale Felzenszwalb segments from scikit-image.
+
+The configs are plain nerfstudio-style dataclasses; heavy libraries (segment_anything, skimage)
+are imported only when masks are actually computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import abstractmethod
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
+
+import numpy as np
+import torch
+
+from nerfstudio.configs.base_config import InstantiateConfig
+
+MaskSourceName = Literal["sam", "folder", "superpixel"]
+"""Names accepted by ``Trace3DDataManagerConfig.mask_source``."""
+
+SAM_CHECKPOINT_FILES: Dict[str, str] = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+}
+"""Checkpoint file names of the official segment-anything release, per model type."""
+
+SAM_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+
+class MaskSourceError(RuntimeError):
+    """A mask source cannot produce masks for an image (bad input files, wrong sizes, ...)."""
+
+
+class SamCheckpointNotFoundError(FileNotFoundError):
+    """The segment-anything checkpoint needed by the ``sam`` mask source is missing."""
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex blake2b digest of a file's bytes (used as a content stamp)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def as_rgb_uint8(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """Convert an image as cached by nerfstudio (uint8 or float in [0, 1], 3 or 4 channels, numpy
+    or torch) to a contiguous RGB uint8 numpy array [H, W, 3]. An alpha channel is dropped."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"Expected an image [H, W, 3 or 4], got {image.shape}")
+    image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+@dataclass
+class MaskSourceConfig(InstantiateConfig):
+    """Base config of a mask source. ``setup(**kwargs)`` builds the :class:`MaskSource`."""
+
+    _target: Type = field(default_factory=lambda: MaskSource)
+
+    # Fields that cannot change the masks (speed or placement knobs) and so are not part of the
+    # cache key.
+    _not_in_cache_key: ClassVar[Tuple[str, ...]] = ()
+
+    def cache_settings(self) -> Dict[str, Any]:
+        """The settings that determine the masks, as a JSON-able dict (part of the cache key)."""
+        out: Dict[str, Any] = {"type": type(self).__name__}
+        for f in fields(self):
+            if f.name.startswith("_") or f.name in self._not_in_cache_key:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+class MaskSource:
+    """Produces [K, H, W] bool masks for one image at a time."""
+
+    config: MaskSourceConfig
+    needs_raw_geometry: bool = False
+    """True if the masks are defined on the image as stored on disk (before undistortion), so the
+    caller must undistort them like the image."""
+
+    def __init__(self, config: MaskSourceConfig, **kwargs: Any) -> None:
+        self.config = config
+
+    def cache_settings(self) -> Dict[str, Any]:
+        """Settings that determine the output (part of the cache key)."""
+        return self.config.cache_settings()
+
+    def input_stamp(self, image_path: Path) -> str:
+        """Content stamp of any per-image input besides the image itself ("" if none)."""
+        return ""
+
+    def check_inputs(self, image_paths: Sequence[Path]) -> None:
+        """Fail early, before any heavy work, if inputs for some images are missing."""
+
+    @abstractmethod
+    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
+        """Compute masks.
+
+        Args:
+            image: [H, W, 3] uint8 RGB.
+            image_path: the image's file (for messages and per-image inputs).
+
+        Returns:
+            [K, H, W] bool masks (K may be 0).
+        """
+
+    def close(self) -> None:
+        """Release models / memory once all masks are computed."""
+
+
+# --------------------------------------------------------------------------------------------
+# SAM
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamMaskSourceConfig(MaskSourceConfig):
+    """segment-anything automatic mask generation (the paper's source)."""
+
+    _target: Type = field(default_factory=lambda: SamMaskSource)
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    """SAM backbone; must match the checkpoint (the paper used vit_h)."""
+    checkpoint: Optional[Path] = None
+    """Local SAM checkpoint, e.g. sam_vit_h_4b8939.pth from the segment-anything release."""
+    device: Optional[str] = None
+    """Torch device to run SAM on; None uses the datamanager's device."""
+    points_per_side: int = 32
+    """Side of the grid of point prompts (points_per_side**2 prompts per image)."""
+    points_per_batch: int = 64
+    """Prompts run through the mask decoder at once (memory vs speed; does not change the masks)."""
+    pred_iou_thresh: float = 0.88
+    """Drop masks whose predicted IoU is below this."""
+    stability_score_thresh: float = 0.9
+    """Drop masks whose stability score is below this (the authors used 0.9)."""
+    min_mask_region_area: int = 0
+    """If > 0, remove disconnected regions and holes smaller than this many pixels (uses OpenCV)."""
+
+    _not_in_cache_key: ClassVar[Tuple[str, ...]] = ("device", "points_per_batch")
+
+
+def _missing_checkpoint_message(config: SamMaskSourceConfig) -> str:
+    name = SAM_CHECKPOINT_FILES[config.model_type]
+    where = "no checkpoint was given" if config.checkpoint is None else f"'{config.checkpoint}' does not exist"
+    return (
+        f"The 'sam' mask source needs the segment-anything {config.model_type} checkpoint, but {where}. "
+        f"Download {name} from the official segment-anything release "
+        f"({SAM_CHECKPOINT_URL}{name}, listed under 'Model Checkpoints' in "
+        f"github.com/facebookresearch/segment-anything) and pass it with "
+        f"`--pipeline.datamanager.sam.checkpoint /path/to/{name}` (and "
+        f"`--pipeline.datamanager.sam.model-type {config.model_type}` to match the file). "
+        f"The 'folder' source (precomputed masks: `--pipeline.datamanager.mask-source folder "
+        f"--pipeline.datamanager.folder.directory DIR`) and the 'superpixel' source "
+        f"(`--pipeline.datamanager.mask-source superpixel`) work without any weights."
+    )
+
+
+def build_sam_from_checkpoint(config: SamMaskSourceConfig) -> torch.nn.Module:
+    """Build the SAM model named by ``config.model_type`` and load ``config.checkpoint``.
+
+    Raises:
+        SamCheckpointNotFoundError: the checkpoint path is unset or missing.
+    """
+    if config.checkpoint is None or not Path(config.checkpoint).expanduser().is_file():
+        raise SamCheckpointNotFoundError(_missing_checkpoint_message(config))
+    from segment_anything import sam_model_registry  # heavy, lazy
+
+    path = Path(config.checkpoint).expanduser()
+    try:
+        return sam_model_registry[config.model_type](checkpoint=str(path))
+    except RuntimeError as err:  # state-dict mismatch: usually the wrong model_type for the file
+        raise MaskSourceError(
+            f"Could not load SAM checkpoint '{path}' as model type {config.model_type}: {err}. "
+            f"Check that --pipeline.datamanager.sam.model-type matches the checkpoint "
+            f"({', '.join(f'{k}: {v}' for k, v in SAM_CHECKPOINT_FILES.items())})."
+        ) from err
+
+
+class SamMaskSource(MaskSource):
+    """Runs ``SamAutomaticMaskGenerator`` on the RGB image.
+
+    Args:
+        config: the settings.
+        device: device used when ``config.device`` is None.
+        build_sam_model: factory returning a ``segment_anything.modeling.Sam``; defaults to
+            :func:`build_sam_from_checkpoint`. Tests inject small random-weight models here.
+    """
+
+    config: SamMaskSourceConfig
+
+    def __init__(
+        self,
+        config: SamMaskSourceConfig,
+        device: Union[str, torch.device] = "cpu",
+        build_sam_model: Optional[Callable[[SamMaskSourceConfig], torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config)
+        self.device = torch.device(config.device if config.device is not None else device)
+        self._build_sam_model = build_sam_model or build_sam_from_checkpoint
+        self._generator: Any = None
+
+    def cache_settings(self) -> Dict[str, Any]:
+        settings = self.config.cache_settings()
+        if self._build_sam_model is not build_sam_from_checkpoint:
+            # An injected model is not described by the checkpoint path: keep its cache entries apart.
+            settings["model_factory"] = getattr(self._build_sam_model, "__qualname__", repr(self._build_sam_model))
+        elif self.config.checkpoint is not None:
+            # Identify the weights by file name and size, so moving the file keeps the cache valid.
+            path = Path(self.config.checkpoint).expanduser()
+            settings["checkpoint"] = [path.name, path.stat().st_size if path.is_file() else -1]
+        return settings
+
+    def check_inputs(self, image_paths: Sequence[Path]) -> None:
+        if self._build_sam_model is build_sam_from_checkpoint and (
+            self.config.checkpoint is None or not Path(self.config.checkpoint).expanduser().is_file()
+        ):
+            raise SamCheckpointNotFoundError(_missing_checkpoint_message(self.config))
+
+    def _ensure_generator(self) -> Any:
+        if self._generator is None:
+            from segment_anything import SamAutomaticMaskGenerator  # heavy, lazy
+
+            model = self._build_sam_model(self.config)
+            model.to(self.device).eval()
+            c = self.config
+            self._generator = SamAutomaticMaskGenerator(
+                model,
+                points_per_side=c.points_per_side,
+                points_per_batch=c.points_per_batch,
+                pred_iou_thresh=c.pred_iou_thresh,
+                stability_score_thresh=c.stability_score_thresh,
+                min_mask_region_area=c.min_mask_region_area,
+                output_mode="binary_mask",
+            )
+        return self._generator
+
+    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
+        rgb = as_rgb_uint8(image)  # [H, W, 3] RGB, as SAM expects (the authors fed BGR from cv2)
+        generator = self._ensure_generator()
+        with torch.inference_mode():
+            records = generator.generate(rgb)
+        H, W = rgb.shape[:2]
+        if not records:
+            return np.zeros((0, H, W), dtype=bool)
+        records = sorted(records, key=lambda r: -int(r["area"]))  # deterministic: large to small
+        return np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])  # [K, H, W]
+
+    def close(self) -> None:
+        self._generator = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Folder of precomputed masks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderMaskSourceConfig(MaskSourceConfig):
+    """Precomputed masks, one file per image named after the image's stem:
+    ``<directory>/<stem>.npy`` (bool [K, H, W]) or ``<directory>/<stem>.png`` (uint8/uint16 label
+    map, 0 = no mask, every other value one mask). ``.npy`` wins if both exist. Masks are given at
+    the size of the image file on disk; with a distorted camera they are undistorted with
+    nearest-neighbour sampling like the image."""
+
+    _target: Type = field(default_factory=lambda: FolderMaskSource)
+    directory: Path = Path("masks")
+    """Folder with the mask files; a relative path is resolved against the scene's data directory."""
+
+
+def load_label_png(path: Path) -> np.ndarray:
+    """Read a single-channel label PNG as an integer array [H, W]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise MaskSourceError(
+                f"Label map {path} has mode {im.mode}; expected a single-channel uint8/uint16 PNG "
+                "(0 = no mask, each non-zero id one mask)."
+            )
+        return np.array(im).astype(np.int64)
+
+
+def label_map_to_masks(labels: np.ndarray) -> np.ndarray:
+    """[H, W] integer labels -> [K, H, W] bool, one mask per non-zero id (ascending)."""
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    return labels[None, :, :] == ids[:, None, None]
+
+
+class FolderMaskSource(MaskSource):
+    """Loads masks from ``config.directory``.
+
+    Args:
+        config: the settings.
+        data_dir: base for a relative ``config.directory``.
+    """
+
+    config: FolderMaskSourceConfig
+    needs_raw_geometry = True
+
+    def __init__(self, config: FolderMaskSourceConfig, data_dir: Optional[Path] = None, **kwargs: Any) -> None:
+        super().__init__(config)
+        directory = Path(config.directory).expanduser()
+        if not directory.is_absolute() and data_dir is not None:
+            directory = Path(data_dir) / directory
+        self.directory = directory
+
+    def mask_file(self, image_path: Path) -> Optional[Path]:
+        """The mask file for an image, or None if there is none."""
+        stem = Path(image_path).stem
+        for ext in (".npy", ".png"):
+            candidate = self.directory / f"{stem}{ext}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def cache_settings(self) -> Dict[str, Any]:
+        settings = self.config.cache_settings()
+        settings["directory"] = str(self.directory.resolve())
+        return settings
+
+    def input_stamp(self, image_path: Path) -> str:
+        path = self.mask_file(image_path)
+        return "" if path is None else f"{path.name}:{file_digest(path)}"
+
+    def check_inputs(self, image_paths: Sequence[Path]) -> None:
+        if not self.directory.is_dir():
+            raise MaskSourceError(
+                f"Mask folder {self.directory} does not exist (set --pipeline.datamanager.folder.directory; "
+                "relative paths are resolved against the data directory)."
+            )
+        missing = [Path(p).name for p in image_paths if self.mask_file(Path(p)) is None]
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise MaskSourceError(
+                f"Mask folder {self.directory} has no masks for {len(missing)} of {len(image_paths)} "
+                f"images ({shown}); expected <stem>.npy or <stem>.png per image, e.g. "
+                f"{self.directory / (Path(missing[0]).stem + '.npy')}."
+            )
+
+    def load(self, image_path: Path, expected_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """Read the masks of one image.
+
+        Args:
+            image_path: the image file whose stem names the mask file.
+            expected_hw: if given, the size the masks must have.
+
+        Returns:
+            [K, H, W] bool.
+        """
+        image_path = Path(image_path)
+        path = self.mask_file(image_path)
+        if path is None:
+            raise MaskSourceError(
+                f"No masks for image '{image_path.name}': expected {self.directory / (image_path.stem + '.npy')} "
+                f"or {self.directory / (image_path.stem + '.png')}."
+            )
+        try:
+            if path.suffix == ".npy":
+                masks = np.load(path, allow_pickle=False)
+                if masks.ndim == 2:
+                    masks = masks[None]
+                if masks.ndim != 3:
+                    raise MaskSourceError(f"{path} has shape {masks.shape}; expected bool [K, H, W]")
+                masks = masks.astype(bool, copy=False)
+            else:
+                masks = label_map_to_masks(load_label_png(path))
+        except MaskSourceError as err:
+            raise MaskSourceError(f"Bad masks for image '{image_path.name}': {err}") from err
+        except (OSError, ValueError) as err:
+            raise MaskSourceError(f"Could not read masks for image '{image_path.name}' from {path}: {err}") from err
+        if expected_hw is not None and tuple(masks.shape[1:]) != tuple(expected_hw):
+            raise MaskSourceError(
+                f"Masks for image '{image_path.name}' ({path}) are {masks.shape[1]}x{masks.shape[2]} (HxW) but the "
+                f"image is {expected_hw[0]}x{expected_hw[1]}; masks must match the image file's resolution."
+            )
+        return masks
+
+    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
+        return self.load(image_path, expected_hw=(int(image.shape[0]), int(image.shape[1])))
+
+
+# --------------------------------------------------------------------------------------------
+# Superpixels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SuperpixelMaskSourceConfig(MaskSourceConfig):
+    """Weights-free masks: Felzenszwalb segments at several scales, overlapping at several
+    granularities like SAM's part / object masks."""
+
+    _target: Type = field(default_factory=lambda: SuperpixelMaskSource)
+    scales: Tuple[float, ...] = (100.0, 500.0)
+    """Felzenszwalb ``scale`` per level (larger = bigger segments); each level adds one mask per segment."""
+    sigma: float = 0.8
+    """Gaussian pre-smoothing of the image."""
+    min_size: int = 50
+    """Minimum segment size in pixels (enforced by post-processing)."""
+
+
+class SuperpixelMaskSource(MaskSource):
+    """Runs scikit-image ``felzenszwalb`` once per scale."""
+
+    config: SuperpixelMaskSourceConfig
+
+    def __init__(self, config: SuperpixelMaskSourceConfig, **kwargs: Any) -> None:
+        super().__init__(config)
+        if len(config.scales) < 1:
+            raise ValueError("SuperpixelMaskSourceConfig.scales needs at least one scale")
+
+    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
+        from skimage.segmentation import felzenszwalb  # lazy
+
+        rgb = as_rgb_uint8(image)  # [H, W, 3]
+        masks: List[np.ndarray] = []
+        for scale in self.config.scales:
+            labels = felzenszwalb(rgb, scale=float(scale), sigma=self.config.sigma, min_size=self.config.min_size)
+            n = int(labels.max()) + 1
+            masks.append(labels[None, :, :] == np.arange(n)[:, None, None])  # [n, H, W]
+        return np.concatenate(masks, axis=0)  # [K, H, W]
+
+
+def make_mask_source(
+    name: MaskSourceName,
+    configs: Dict[str, MaskSourceConfig],
+    **kwargs: Any,
+) -> MaskSource:
+    """Instantiate the source called ``name`` from ``configs`` (name -> config); ``kwargs`` go to
+    every source's constructor (``device``, ``data_dir``, ...), unknown ones are ignored."""
+    if name not in configs:
+        raise ValueError(f"Unknown mask source {name!r}; choose one of {sorted(configs)}")
+    return configs[name].setup(**kwargs)
