@@ -82,3 +82,20 @@ def test_indices_in_range_resumes_from_transmittance():
     order = torch.argsort(p_cat, stable=True)
     assert torch.equal(p_cat[order], p_all)
     assert torch.equal(g_cat[order], g_all)
+
+
+def test_footprint_enumeration_equals_tile_sweep():
+    from trace3d_ns.cuda.tiles import contributing_pairs, contributing_pairs_tile_sweep, decode_isect_ids
+
+    (means, quats, scales, opac, _), view, K = _scene(seed=4, n=3000)
+    proj = project_gaussians(means, quats, scales, view[None], K[None], W, H)
+    isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, 16, 4, 3)
+    _, tiles = decode_isect_ids(isect.isect_ids, 12)
+    sweep = contributing_pairs_tile_sweep(
+        proj.means2d[0], proj.conics[0], opac, isect.flatten_ids.long(), tiles, W, H, 16, 4, max_candidates=5000
+    )
+    fast = contributing_pairs(
+        proj.means2d[0], proj.conics[0], opac, proj.radii[0], proj.depths[0], W, H, 16, max_candidates=5000
+    )
+    assert sweep[0].numel() > 10 * W * H
+    assert torch.equal(sweep[0], fast[0]) and torch.equal(sweep[1], fast[1])

@@ -90,9 +90,10 @@ def contributions(
             far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
         )
         radii, means2d, depths, conics, comp = proj
-        tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
-        isect = intersect_tiles(means2d, radii, depths, tile_size, tw, th)
-        flatten_ids, offsets = isect.flatten_ids, isect.isect_offsets
+        if indices_fn is not None:
+            tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
+            isect = intersect_tiles(means2d, radii, depths, tile_size, tw, th)
+            flatten_ids, offsets = isect.flatten_ids, isect.isect_offsets
     opac = opacities[None] if comp is None else opacities[None] * comp  # [1, N]
 
     if indices_fn is not None:
@@ -102,11 +103,8 @@ def contributions(
         )
         gids, pids = gids.long(), pids.long()
     else:
-        from trace3d_ns.cuda.tiles import contributing_pairs, decode_isect_ids
+        from trace3d_ns.cuda.tiles import contributing_pairs
 
-        _, tile_ids = decode_isect_ids(isect.isect_ids, tw * th)
-        gids, pids = contributing_pairs(
-            means2d[0], conics[0], opac[0], flatten_ids.long(), tile_ids, width, height, tile_size, tw
-        )
+        gids, pids = contributing_pairs(means2d[0], conics[0], opac[0], radii[0], depths[0], width, height, tile_size)
     weights = pair_weights(gids, pids, means2d[0][gids], conics[0], opac[0], width)
     return Contributions(gids, pids, weights.float(), width, height)

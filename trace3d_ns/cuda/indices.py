@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from trace3d_ns.cuda.tiles import contributing_pairs
+from trace3d_ns.cuda.tiles import contributing_pairs_tile_sweep
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def rasterize_to_indices_in_range(
     out_g, out_p, out_c = [], [], []
     for c in range(C):
         sel = in_range & (bins // n_tiles == c)
-        gids, pids = contributing_pairs(
+        gids, pids = contributing_pairs_tile_sweep(
             means2d[c], conics[c], opacities[c], flatten_ids[sel].long() - c * N, bins[sel] - c * n_tiles,
             image_width, image_height, tile_size, tile_width,
             initial_transmittance=transmittances[c].reshape(-1),

@@ -18,7 +18,6 @@ from trace3d_ns.cuda.projection import project_gaussians
 from trace3d_ns.cuda.sh import spherical_harmonics
 from trace3d_ns.cuda.tiles import (
     contributing_pairs,
-    decode_isect_ids,
     exclusive_transmittance,
     intersect_tiles,
     splat_alpha,
@@ -141,17 +140,12 @@ def rasterization(
 
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
-    isect_cam, isect_tile = decode_isect_ids(isect.isect_ids, tile_width * tile_height)
-    cam_bounds = torch.searchsorted(isect_cam, torch.arange(C + 1, device=isect_cam.device))
-
     absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
     renders, alphas = [], []
     for c in range(C):
-        lo, hi = int(cam_bounds[c]), int(cam_bounds[c + 1])
         gids, pids = contributing_pairs(
-            proj.means2d[c], proj.conics[c], opacities_c[c],
-            isect.flatten_ids[lo:hi].long() - c * N, isect_tile[lo:hi],
-            width, height, tile_size, tile_width,
+            proj.means2d[c].detach(), proj.conics[c].detach(), opacities_c[c].detach(), proj.radii[c],
+            proj.depths[c].detach(), width, height, tile_size,
         )
         image, alpha, _ = composite_pairs(
             gids, pids, proj.means2d[c], proj.conics[c], opacities_c[c], colors_c[c], width, height,

@@ -111,7 +111,7 @@ def exclusive_transmittance(alphas: Tensor, pixel_ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def contributing_pairs(
+def contributing_pairs_tile_sweep(
     means2d: Tensor,  # [N, 2] one camera
     conics: Tensor,  # [N, 3]
     opacities: Tensor,  # [N]
@@ -127,8 +127,9 @@ def contributing_pairs(
     """(gaussian_ids [P] int64, pixel_ids [P] int64) of every pair that the compositor uses,
     grouped by pixel (ascending row-major id), front to back within a pixel.
 
-    Candidates are all pixels of each intersected tile, evaluated in chunks of at most
-    `max_candidates` so memory stays bounded on large images.
+    Sweeps every pixel of every intersected tile, as gsplat's kernels do (the simple reference of
+    `contributing_pairs`, and the core of the torch twin of `rasterize_to_indices_in_range`).
+    Candidates are evaluated in chunks of at most `max_candidates` to bound memory.
     """
     device = means2d.device
     pix_in_tile = torch.arange(tile_size * tile_size, device=device)
@@ -160,9 +161,84 @@ def contributing_pairs(
     order = torch.argsort(pix * max(num_isect, 1) + isect)
     isect, pix, alpha = isect[order], pix[order], alpha[order]
 
-    # Keep the prefix of each pixel whose transmittance stays above the cut-off after the pair.
-    t_after = exclusive_transmittance(alpha.double(), pix) * (1.0 - alpha.double())
-    if initial_transmittance is not None:
-        t_after = t_after * initial_transmittance[pix].double()
-    used = t_after > TRANSMITTANCE_MIN
+    used = _before_saturation(alpha, pix, initial_transmittance)
     return flatten_ids[isect[used]].long(), pix[used]
+
+
+def _before_saturation(alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None) -> Tensor:
+    """Mask of the pairs composited before a pixel's transmittance would drop to <= 1e-4."""
+    t_after = exclusive_transmittance(alpha.double(), pixel_ids) * (1.0 - alpha.double())
+    if initial_transmittance is not None:
+        t_after = t_after * initial_transmittance[pixel_ids].double()
+    return t_after > TRANSMITTANCE_MIN
+
+
+@torch.no_grad()
+def contributing_pairs(
+    means2d: Tensor,  # [N, 2] one camera
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    radii: Tensor,  # [N] 0 = culled
+    depths: Tensor,  # [N]
+    width: int,
+    height: int,
+    tile_size: int,
+    max_candidates: int = 1 << 23,
+) -> tuple[Tensor, Tensor]:
+    """Same output as `contributing_pairs_tile_sweep`, found faster.
+
+    Instead of every pixel of every intersected tile, each Gaussian is tested only on the pixels
+    of its own footprint: the disc where alpha can still reach 1/255 (|d|^2 <= 2 ln(255 o) lambda_max),
+    clipped to its 3-sigma tile box (so the tile semantics are kept exactly). Gaussians are taken
+    in depth order (stable, as gsplat's per-tile sort), so sorting pairs by pixel keeps each pixel's
+    list front to back.
+    """
+    device = means2d.device
+    n_tiles_x, n_tiles_y = -(-width // tile_size), -(-height // tile_size)
+    a, b, c = conics.unbind(-1)
+    det = (a * c - b * b).clamp(min=1e-20)
+    half_trace = 0.5 * (a + c) / det  # of the covariance, the conic's inverse
+    lambda_max = half_trace + torch.sqrt((half_trace**2 - 1.0 / det).clamp(min=0.0))
+    reach = torch.sqrt(2.0 * torch.log((255.0 * opacities).clamp(min=1.0)) * lambda_max)  # [N] pixels
+
+    order = torch.argsort(depths, stable=True)
+    order = order[(radii[order] > 0) & (255.0 * opacities[order] >= 1.0)]
+    mean = means2d[order]  # [G, 2]
+    tile_lo = torch.floor(mean / tile_size - (radii[order] / tile_size)[:, None]).clamp(min=0)
+    tile_hi = torch.ceil(mean / tile_size + (radii[order] / tile_size)[:, None])
+    tile_hi = torch.minimum(tile_hi, torch.tensor([n_tiles_x, n_tiles_y], device=device))
+    lo = torch.maximum(tile_lo * tile_size, torch.ceil(mean - reach[order, None] - 0.5)).long()  # [G, 2]
+    hi = torch.minimum(
+        torch.minimum(tile_hi * tile_size, torch.tensor([width, height], device=device)),
+        torch.floor(mean + reach[order, None] - 0.5) + 1,
+    ).long()  # [G, 2] exclusive
+    extent = (hi - lo).clamp(min=0)
+    counts = extent[:, 0] * extent[:, 1]  # [G]
+
+    keep_rank, keep_pix, keep_alpha = [], [], []
+    ends = torch.cumsum(counts, 0)
+    start_g = 0
+    while start_g < order.numel():
+        budget_end = int(torch.searchsorted(ends, ends[start_g] - counts[start_g] + max_candidates, right=True))
+        stop_g = max(start_g + 1, min(budget_end, order.numel()))
+        cnt = counts[start_g:stop_g]
+        rank = torch.repeat_interleave(torch.arange(start_g, stop_g, device=device), cnt)  # [m]
+        local = torch.arange(rank.numel(), device=device) - (torch.cumsum(cnt, 0) - cnt).repeat_interleave(cnt)
+        w = extent[rank, 0]
+        x = lo[rank, 0] + local % w
+        y = lo[rank, 1] + torch.div(local, w, rounding_mode="floor")
+        g = order[rank]
+        sigma, alpha = splat_alpha(means2d[g], conics[g], opacities[g], x + 0.5, y + 0.5)
+        keep = (sigma >= 0) & (alpha >= ALPHA_MIN)
+        keep_rank.append(rank[keep])
+        keep_pix.append((y * width + x)[keep])
+        keep_alpha.append(alpha[keep])
+        start_g = stop_g
+    if not keep_rank:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    rank, pix, alpha = torch.cat(keep_rank), torch.cat(keep_pix), torch.cat(keep_alpha)
+    by_pixel = torch.argsort(pix * max(order.numel(), 1) + rank)
+    rank, pix, alpha = rank[by_pixel], pix[by_pixel], alpha[by_pixel]
+    used = _before_saturation(alpha, pix)
+    return order[rank[used]], pix[used]

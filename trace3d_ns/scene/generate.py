@@ -359,7 +359,7 @@ def sample_seed_points(
     hit = np.isfinite(xyz).all(axis=1)
     xyz, rgb = xyz[hit], rgb[hit]
     pick = np.sort(rng.choice(len(xyz), size=min(num_points, len(xyz)), replace=False))
-    return xyz[pick].astype(np.float32), rgb[pick]
+    return (xyz[pick] + 0.01).astype(np.float32), rgb[pick]
 
 
 def make_sam_like_masks(
