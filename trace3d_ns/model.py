@@ -1,0 +1,207 @@
+"""Trace3DModel: splatfacto on any device, rendering through `trace3d_ns.rendering`.
+
+Differences from `SplatfactoModel`: no `.cuda()` (everything follows the model's device), the
+rasterizer is chosen by device (gsplat on CUDA, the torch backend elsewhere), and LPIPS is only
+built when its weights are already on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Type, Union
+
+import torch
+from gsplat.strategy import DefaultStrategy
+from torch import Tensor
+from torch.nn import Parameter
+
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import (
+    RGB2SH,
+    SplatfactoModel,
+    SplatfactoModelConfig,
+    get_viewmat,
+    num_sh_bases,
+    random_quat_tensor,
+)
+from nerfstudio.utils.colors import get_color
+from nerfstudio.utils.rich_utils import CONSOLE
+from trace3d_ns.device import require_device
+from trace3d_ns.metrics import offline_lpips
+from trace3d_ns.rendering import rasterize
+
+
+@dataclass
+class Trace3DModelConfig(SplatfactoModelConfig):
+    """Gaussian splatting with Gaussian Instance Tracing, on CUDA (gsplat) or CPU (torch backend)."""
+
+    _target: Type = field(default_factory=lambda: Trace3DModel)
+
+
+class Trace3DModel(SplatfactoModel):
+    """Splatfacto, device-agnostic. Later stages (instance tracing, features) build on it."""
+
+    config: Trace3DModelConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "device" in kwargs:
+            require_device(kwargs["device"])
+        super().__init__(*args, **kwargs)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def populate_modules(self) -> None:
+        self.gauss_params = torch.nn.ParameterDict(self._initial_gaussians())
+        self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+
+        from pytorch_msssim import SSIM
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
+        self.lpips = offline_lpips()
+        self.step = 0
+        self.crop_box = None
+        if self.config.background_color == "random":
+            self.background_color = torch.tensor([0.1490, 0.1647, 0.2157])  # viser's background
+        else:
+            self.background_color = get_color(self.config.background_color)
+        if self.config.use_bilateral_grid:
+            from nerfstudio.model_components.lib_bilagrid import BilateralGrid
+
+            self.bil_grids = BilateralGrid(
+                num=self.num_train_data,
+                grid_X=self.config.grid_shape[0],
+                grid_Y=self.config.grid_shape[1],
+                grid_W=self.config.grid_shape[2],
+            )
+        self.strategy = self._make_strategy()
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+
+    def _initial_gaussians(self) -> Dict[str, Parameter]:
+        """Gaussians at the seed points (coloured) or uniformly random in a cube, on the CPU."""
+        cfg = self.config
+        has_seed = self.seed_points is not None and not cfg.random_init
+        if has_seed:
+            means = self.seed_points[0].float()  # [N, 3]
+        else:
+            means = (torch.rand(cfg.num_random, 3) - 0.5) * cfg.random_scale
+        distances, _ = self.k_nearest_sklearn(means, 3)
+        avg_dist = torch.from_numpy(distances).float().mean(dim=-1, keepdim=True)  # [N, 1]
+        n = means.shape[0]
+        dim_sh = num_sh_bases(cfg.sh_degree)
+        features_rest = torch.zeros(n, dim_sh - 1, 3)
+        if has_seed and self.seed_points[1].shape[0] > 0:
+            rgb = self.seed_points[1].float() / 255.0  # [N, 3]
+            features_dc = RGB2SH(rgb) if cfg.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
+        else:
+            features_dc = torch.rand(n, 3)
+        return {
+            "means": Parameter(means),
+            "scales": Parameter(torch.log(avg_dist.clamp(min=1e-7).repeat(1, 3))),
+            "quats": Parameter(random_quat_tensor(n)),
+            "features_dc": Parameter(features_dc),
+            "features_rest": Parameter(features_rest),
+            "opacities": Parameter(torch.logit(0.1 * torch.ones(n, 1))),
+        }
+
+    def _make_strategy(self) -> DefaultStrategy:
+        cfg = self.config
+        return DefaultStrategy(
+            prune_opa=cfg.cull_alpha_thresh,
+            grow_grad2d=cfg.densify_grad_thresh,
+            grow_scale3d=cfg.densify_size_thresh,
+            grow_scale2d=cfg.split_screen_size,
+            prune_scale3d=cfg.cull_scale_thresh,
+            prune_scale2d=cfg.cull_screen_size,
+            refine_scale2d_stop_iter=cfg.stop_screen_size_at,
+            refine_start_iter=cfg.warmup_length,
+            refine_stop_iter=cfg.stop_split_at,
+            reset_every=cfg.reset_alpha_every * cfg.refine_every,
+            refine_every=cfg.refine_every,
+            pause_refine_after_reset=self.num_train_data + cfg.refine_every,
+            absgrad=cfg.use_absgrad,
+            revised_opacity=False,
+            verbose=False,
+        )
+
+    # ---- rendering ----------------------------------------------------------------------------
+    def activated_gaussians(self, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Rasterizer-ready tensors (scales exp'd, opacities sigmoid'd), optionally a subset."""
+
+        def pick(t: Tensor) -> Tensor:
+            return t if mask is None else t[mask]
+
+        return {
+            "means": pick(self.means),
+            "quats": pick(self.quats),
+            "scales": torch.exp(pick(self.scales)),
+            "opacities": torch.sigmoid(pick(self.opacities)).squeeze(-1),
+            "sh": torch.cat([pick(self.features_dc)[:, None, :], pick(self.features_rest)], dim=1),
+        }
+
+    def camera_matrices(self, camera: Cameras) -> tuple[Tensor, Tensor, int, int]:
+        """(viewmat [1, 4, 4], K [1, 3, 3], W, H) at the current training resolution."""
+        c2w = self.camera_optimizer.apply_to_camera(camera) if self.training else camera.camera_to_worlds
+        scale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / scale)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(scale)
+        return get_viewmat(c2w).to(self.device), K, W, H
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
+        if not isinstance(camera, Cameras):
+            return {}
+        if self.training and camera.shape[0] != 1:
+            raise ValueError("Trace3DModel trains on one camera at a time")
+        mask = None
+        if self.crop_box is not None and not self.training:
+            mask = self.crop_box.within(self.means).squeeze()
+            if mask.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+        viewmat, K, W, H = self.camera_matrices(camera)
+        self.last_size = (H, W)
+        g = self.activated_gaussians(mask)
+
+        if self.config.sh_degree > 0:
+            colors, sh_degree = g["sh"], min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors, sh_degree = torch.sigmoid(g["sh"]).squeeze(1), None  # [N, 3]
+        render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
+        if self.config.rasterize_mode not in ("antialiased", "classic"):
+            raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode}")
+
+        render, alpha, self.info = rasterize(
+            g["means"], g["quats"], g["scales"], g["opacities"], colors, viewmat, K, W, H,
+            packed=False, near_plane=0.01, far_plane=1e10, render_mode=render_mode, sh_degree=sh_degree,
+            sparse_grad=False, absgrad=self.strategy.absgrad, rasterize_mode=self.config.rasterize_mode,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+
+        background = self._get_background_color().to(self.device)
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)  # [1, H, W, 3]
+        if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
+            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(H, W, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def get_image_metrics_and_images(self, outputs, batch):
+        if self.lpips is not None:
+            return super().get_image_metrics_and_images(outputs, batch)
+        self.lpips = _NaNMetric()  # reuse splatfacto's metric code, then drop the placeholder values
+        try:
+            metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        finally:
+            self.lpips = None
+        return {k: v for k, v in metrics.items() if not k.endswith("lpips")}, images
+
+
+class _NaNMetric:
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return torch.tensor(float("nan"))
