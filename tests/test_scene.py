@@ -37,7 +37,8 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _json(path: Path) -> dict:
@@ -76,7 +77,8 @@ def test_files_and_json_structure(scene: Path) -> None:
     for obj in info["objects"]:
         assert obj["shape"] in {"box", "sphere", "cylinder", "cone", "torus"}
         assert len(obj["color"]) == 3 and all(0 <= c <= 255 for c in obj["color"])
-        assert np.all(np.array(obj["bbox_min"]) < np.array(obj["bbox_max"])) and obj["bbox_min"][2] == pytest.approx(0.0)
+        assert np.all(np.array(obj["bbox_min"]) < np.array(obj["bbox_max"]))
+        assert obj["bbox_min"][2] == pytest.approx(0.0)  # resting on the ground
 
 
 def test_cameras_are_opengl_look_at(scene: Path) -> None:
@@ -143,9 +145,9 @@ def test_point_cloud_on_visible_surfaces(scene: Path) -> None:
     assert xyz.shape == colours.shape == (SPEC.num_points, 3)
     assert colours.std(axis=0).min() > 0.02  # not a constant colour
     layout = layout_scene(SPEC, make_cameras(SPEC))
-    _, distance, _ = layout.mesh.nearest.on_surface(xyz)
+    _, distance, faces = layout.mesh.nearest.on_surface(xyz)
     assert distance.max() < 1e-4
-    on_objects = np.isin(layout.face_instance[layout.mesh.nearest.on_surface(xyz)[2]], [1, 2, 3, 4])
+    on_objects = layout.face_instance[faces] > 0
     assert 0.02 < on_objects.mean() < 0.98  # both ground and objects are represented
 
 
@@ -161,7 +163,8 @@ def test_nerfstudio_dataparser_loads_split_and_points(scene: Path) -> None:
     import open3d as o3d
 
     ours = torch.from_numpy(np.asarray(o3d.io.read_point_cloud(str(scene / "sparse_pc.ply")).points)).float()
-    expected = (torch.cat([ours, torch.ones_like(ours[:, :1])], 1) @ train.dataparser_transform.T) * train.dataparser_scale
+    homogeneous = torch.cat([ours, torch.ones_like(ours[:, :1])], 1)  # [P, 4]
+    expected = (homogeneous @ train.dataparser_transform.T) * train.dataparser_scale
     torch.testing.assert_close(train.metadata["points3D_xyz"], expected)
     assert train.cameras.camera_to_worlds[:, :3, 3].abs().max() <= 1.0 + 1e-5  # auto-scaled poses
 
@@ -226,6 +229,8 @@ def test_sam_masks_empty_view_and_determinism() -> None:
     np.testing.assert_array_equal(first, make_sam_like_masks(gt, np.random.default_rng(7)))
     outputs = {make_sam_like_masks(gt, np.random.default_rng(s)).tobytes() for s in range(8)}
     assert len(outputs) > 1
+    with pytest.raises(ValueError, match="p_merge"):
+        make_sam_like_masks(gt, np.random.default_rng(0), p_merge=1.5)
 
 
 @pytest.mark.parametrize(

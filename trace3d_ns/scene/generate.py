@@ -359,7 +359,7 @@ def sample_seed_points(
     hit = np.isfinite(xyz).all(axis=1)
     xyz, rgb = xyz[hit], rgb[hit]
     pick = np.sort(rng.choice(len(xyz), size=min(num_points, len(xyz)), replace=False))
-    return (xyz[pick] + 0.01).astype(np.float32), rgb[pick]
+    return xyz[pick].astype(np.float32), rgb[pick]
 
 
 def make_sam_like_masks(
@@ -389,8 +389,13 @@ def make_sam_like_masks(
     ``max_ground_regions`` large background regions (``p_ground``).  Masks smaller than
     ``min_mask_pixels`` are dropped and the rest shuffled, so mask order carries no instance id.
 
-    Returns a bool array [K, H, W]; K may be 0.
+    Returns a bool array [K, H, W]; K may be 0.  Raises ``ValueError`` for out-of-range arguments.
     """
+    probabilities = {"p_merge": p_merge, "p_split": p_split, "p_keep_whole": p_keep_whole}
+    probabilities |= {"p_jitter": p_jitter, "p_drop_small": p_drop_small, "p_ground": p_ground}
+    outside = [name for name, p in probabilities.items() if not 0.0 <= p <= 1.0]
+    if outside or max_jitter_px < 1 or max_ground_regions < 1:
+        raise ValueError(f"probabilities must be in [0, 1] (bad: {outside}); max_jitter_px, max_ground_regions >= 1")
     height, width = gt_instances.shape
     coords = _split_coordinates(gt_instances.shape, points)  # [H, W, D]
     ids = [int(i) for i in np.unique(gt_instances) if i != 0]
@@ -457,7 +462,8 @@ def _sample_layout(num_objects: int, rng: np.random.Generator, ground_half_size:
         [rng.normal(0.0, 1.5, (4, 2)), rng.uniform(0.0, 2.0 * math.pi, 4), np.full(4, 0.05)]
     )  # [4, 4]
     azimuth, elevation = rng.uniform(0.0, 2.0 * math.pi), math.radians(rng.uniform(40.0, 65.0))
-    sun = np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
+    horizontal = math.cos(elevation)
+    sun = np.array([horizontal * math.cos(azimuth), horizontal * math.sin(azimuth), math.sin(elevation)])
     return SceneLayout(objects, Ground(ground_half_size, waves), sun)
 
 
@@ -516,7 +522,10 @@ def _object_colours(hue: float, rng: np.random.Generator) -> tuple[np.ndarray, n
     sat, val = rng.uniform(0.55, 0.85), rng.uniform(0.7, 0.92)
     base = np.array(colorsys.hsv_to_rgb(hue, sat, val))
     pale = rng.random() < 0.5
-    accent = colorsys.hsv_to_rgb(hue, sat * 0.3, min(1.0, val * 1.1)) if pale else colorsys.hsv_to_rgb(hue, sat, val * 0.45)
+    if pale:
+        accent = colorsys.hsv_to_rgb(hue, sat * 0.3, min(1.0, val * 1.1))
+    else:
+        accent = colorsys.hsv_to_rgb(hue, sat, val * 0.45)
     return base, np.array(accent)
 
 
@@ -746,7 +755,9 @@ def _transforms_json(cameras: Cameras, names: list[str], test: list[int]) -> dic
     }
 
 
-def _scene_json(spec: SceneSpec, layout: SceneLayout, views: list[RenderedView], names: list[str], test: list[int]) -> dict:
+def _scene_json(
+    spec: SceneSpec, layout: SceneLayout, views: list[RenderedView], names: list[str], test: list[int]
+) -> dict:
     """Metadata: spec, objects with per-object visibility, ground, light and split."""
     counts = np.stack([np.bincount(v.instances.ravel(), minlength=spec.num_objects + 1) for v in views])  # [K, N+1]
     objects = []
