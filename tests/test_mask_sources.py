@@ -21,6 +21,7 @@ from trace3d_ns.data.mask_sources import (
     SamMaskSourceConfig,
     SuperpixelMaskSource,
     SuperpixelMaskSourceConfig,
+    build_tiny_random_sam,
     make_mask_source,
 )
 
@@ -28,25 +29,8 @@ torch.set_num_threads(1)
 
 
 def tiny_sam(config: SamMaskSourceConfig) -> torch.nn.Module:
-    """A random-weight SAM with a 128 px, 32-d, depth-1 encoder (fast on CPU)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(0)
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2, out_chans=32, window_size=0
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128), mask_in_chans=4
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-            transformer_dim=32,
-            iou_head_depth=1,
-            iou_head_hidden_dim=16,
-        ),
-    )
+    """A random-weight SAM built from segment_anything.modeling: 128 px, 32-d, depth-1 encoder."""
+    return build_tiny_random_sam(config, img_size=128, dim=32)
 
 
 def _tiny_sam_config(**kw) -> SamMaskSourceConfig:

@@ -130,7 +130,7 @@ class Trace3DDataManager(FullImageDatamanager):
     def data_dir(self) -> Path:
         """The scene's data directory."""
         data = Path(self.config.dataparser.data)
-        return data.parent if data.suffix else data
+        return data.parent if data.is_file() else data
 
     def train_image_names(self) -> List[str]:
         """Training image file names in training-index order (relative to the data dir when inside it)."""
@@ -308,7 +308,7 @@ class Trace3DDataManager(FullImageDatamanager):
             return source(as_rgb_uint8(image), path)
         camera = self._raw_train_cameras[idx].reshape(())
         raw_hw = (int(camera.height.item()), int(camera.width.item()))
-        masks = source.load(path, expected_hw=raw_hw)  # type: ignore[attr-defined]
+        masks = source.load(path, expected_hw=raw_hw)  # [K, H, W] on the raw image
         if camera.distortion_params is None or torch.all(camera.distortion_params == 0):
             return masks
         return undistort_masks_nearest(masks, camera, image_name=path.name)

@@ -47,7 +47,7 @@ def stable_hash(obj: Any, digest_size: int = 16) -> str:
 def default_cache_dir(data_path: Path) -> Path:
     """``<data dir>/.trace3d_cache`` (``data_path`` may be the data directory or a file in it)."""
     data_path = Path(data_path)
-    base = data_path.parent if data_path.suffix else data_path
+    base = data_path.parent if data_path.is_file() else data_path
     return base / CACHE_DIRNAME
 
 
@@ -76,6 +76,12 @@ def _payload_checksum(data: np.ndarray, shapes: np.ndarray, names: Sequence[str]
     h.update(str(data.dtype).encode())
     h.update(memoryview(np.ascontiguousarray(data)).cast("B"))
     return h.hexdigest()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _compact_dtype(lo: int, hi: int) -> np.dtype:
@@ -176,6 +182,7 @@ class MapCache:
                 )
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; use normal permissions
             os.replace(tmp, final)
         except BaseException:
             if os.path.exists(tmp):

@@ -14,7 +14,6 @@ are imported only when masks are actually computed.
 from __future__ import annotations
 
 import hashlib
-from abc import abstractmethod
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
@@ -120,7 +119,6 @@ class MaskSource:
     def check_inputs(self, image_paths: Sequence[Path]) -> None:
         """Fail early, before any heavy work, if inputs for some images are missing."""
 
-    @abstractmethod
     def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
         """Compute masks.
 
@@ -131,6 +129,12 @@ class MaskSource:
         Returns:
             [K, H, W] bool masks (K may be 0).
         """
+        raise NotImplementedError
+
+    def load(self, image_path: Path, expected_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """For sources with ``needs_raw_geometry``: the [K, H, W] bool masks of the image file as stored
+        on disk (before undistortion), checked against ``expected_hw``."""
+        raise NotImplementedError(f"{type(self).__name__} computes masks from pixels; call it instead")
 
     def close(self) -> None:
         """Release models / memory once all masks are computed."""
@@ -201,6 +205,41 @@ def build_sam_from_checkpoint(config: SamMaskSourceConfig) -> torch.nn.Module:
             f"Check that --pipeline.datamanager.sam.model-type matches the checkpoint "
             f"({', '.join(f'{k}: {v}' for k, v in SAM_CHECKPOINT_FILES.items())})."
         ) from err
+
+
+def build_tiny_random_sam(config: Optional[SamMaskSourceConfig] = None, img_size: int = 128, dim: int = 32, seed: int = 0) -> torch.nn.Module:
+    """A SAM with random weights and a tiny encoder (``img_size`` px input, ``dim``-d, depth 1).
+
+    Its masks are meaningless; it exists so that the ``sam`` code path can run end to end on a CPU
+    without downloading weights (tests, smoke runs). Pass it as ``build_sam_model``; use
+    ``pred_iou_thresh`` below 0 and ``stability_score_thresh=0`` so that random masks survive.
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        patch = 16
+        return Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=img_size, patch_size=patch, embed_dim=dim, depth=1, num_heads=2, out_chans=dim, window_size=0
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=dim,
+                image_embedding_size=(img_size // patch, img_size // patch),
+                input_image_size=(img_size, img_size),
+                mask_in_chans=4,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=2 * dim, num_heads=2),
+                transformer_dim=dim,
+                iou_head_depth=1,
+                iou_head_hidden_dim=16,
+            ),
+        ).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
 
 
 class SamMaskSource(MaskSource):
