@@ -7,12 +7,12 @@ anyway); SAM, scikit-image, scikit-learn, trimesh and Triton load lazily where t
 from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
+from trace3d_ns.data.datamanager import Trace3DDataManagerConfig
 from trace3d_ns.model import Trace3DModelConfig
 from trace3d_ns.schedulers import FloatExponentialDecaySchedulerConfig
 
@@ -39,7 +39,7 @@ def trace3d_trainer_config() -> TrainerConfig:
         max_num_iterations=MAX_STEPS,
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
-            datamanager=FullImageDatamanagerConfig(
+            datamanager=Trace3DDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",
             ),

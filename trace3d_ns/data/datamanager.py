@@ -39,6 +39,7 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from trace3d_ns.device import require_device
 from trace3d_ns.data.mask_cache import MapCache, compute_maps, stable_hash
 from trace3d_ns.data.mask_sources import (
     FolderMaskSourceConfig,
@@ -109,6 +110,7 @@ class Trace3DDataManager(FullImageDatamanager):
         mask_source: Optional[MaskSource] = None,
         **kwargs: Any,
     ) -> None:
+        require_device(device)
         self._injected_mask_source = mask_source
         self._patches_key: Optional[str] = None
         self._image_stamps: Optional[List[str]] = None

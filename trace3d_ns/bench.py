@@ -1,0 +1,45 @@
+"""`trace3d-bench`: speed and memory goals as JSON (printed, and written with --out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+def _raster(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.raster import run_raster_benchmark
+
+    return run_raster_benchmark(num_gaussians=args.gaussians, size=args.size, repeats=args.repeats)
+
+
+def _masks(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.data.bench_masks import run_masks_benchmark
+
+    return run_masks_benchmark(None)
+
+
+BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {"raster": _raster, "masks": _masks}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="trace3d-bench", description=__doc__)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    parser.add_argument("--gaussians", type=int, default=20000, help="raster: number of Gaussians")
+    parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
+    parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
+    args = parser.parse_args(argv)
+    result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
