@@ -10,6 +10,7 @@ Pairs come grouped by pixel, front to back within a pixel (the layout of gsplat'
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -166,11 +167,16 @@ def contributing_pairs_tile_sweep(
 
 
 def _before_saturation(alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None) -> Tensor:
-    """Mask of the pairs composited before a pixel's transmittance would drop to <= 1e-4."""
-    t_after = exclusive_transmittance(alpha.double(), pixel_ids) * (1.0 - alpha.double())
+    """Mask of the pairs composited before a pixel's transmittance would drop to <= 1e-4
+    (compared in log space: log T after the pair > log 1e-4)."""
+    if alpha.numel() == 0:
+        return torch.zeros_like(alpha, dtype=torch.bool)
+    log_keep = torch.log1p(-alpha.double())  # [P]
+    after = torch.cumsum(log_keep, 0)  # [P] inclusive prefix over all pairs
+    log_t_after = after - (after - log_keep)[segment_starts(pixel_ids)]
     if initial_transmittance is not None:
-        t_after = t_after * initial_transmittance[pixel_ids].double()
-    return t_after > TRANSMITTANCE_MIN
+        log_t_after = log_t_after + torch.log(initial_transmittance[pixel_ids].double())
+    return log_t_after > math.log(TRANSMITTANCE_MIN)
 
 
 @torch.no_grad()
@@ -215,6 +221,10 @@ def contributing_pairs(
     extent = (hi - lo).clamp(min=0)
     counts = extent[:, 0] * extent[:, 1]  # [G]
 
+    # per depth rank: [x0, y0, box width, mean x, mean y, conic a, b, c, opacity] in one table, one gather per candidate
+    table = torch.cat(
+        [lo.to(means2d.dtype), extent[:, :1].to(means2d.dtype), mean, conics[order], opacities[order, None]], dim=1
+    )  # [G, 9]
     keep_rank, keep_pix, keep_alpha = [], [], []
     ends = torch.cumsum(counts, 0)
     start_g = 0
@@ -224,21 +234,22 @@ def contributing_pairs(
         cnt = counts[start_g:stop_g]
         rank = torch.repeat_interleave(torch.arange(start_g, stop_g, device=device), cnt)  # [m]
         local = torch.arange(rank.numel(), device=device) - (torch.cumsum(cnt, 0) - cnt).repeat_interleave(cnt)
-        w = extent[rank, 0]
-        x = lo[rank, 0] + local % w
-        y = lo[rank, 1] + torch.div(local, w, rounding_mode="floor")
-        g = order[rank]
-        sigma, alpha = splat_alpha(means2d[g], conics[g], opacities[g], x + 0.5, y + 0.5)
+        t = table[rank]  # [m, 9]
+        row = torch.div(local, t[:, 2].long(), rounding_mode="floor")
+        x = t[:, 0].long() + local - row * t[:, 2].long()
+        y = t[:, 1].long() + row
+        sigma, alpha = splat_alpha(t[:, 3:5], t[:, 5:8], t[:, 8], x + 0.5, y + 0.5)
         keep = (sigma >= 0) & (alpha >= ALPHA_MIN)
         keep_rank.append(rank[keep])
-        keep_pix.append((y * width + x)[keep])
+        keep_pix.append((y * width + x)[keep].int())
         keep_alpha.append(alpha[keep])
         start_g = stop_g
     if not keep_rank:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty
     rank, pix, alpha = torch.cat(keep_rank), torch.cat(keep_pix), torch.cat(keep_alpha)
-    by_pixel = torch.argsort(pix * max(order.numel(), 1) + rank)
-    rank, pix, alpha = rank[by_pixel], pix[by_pixel], alpha[by_pixel]
+    # candidates are in depth-rank order, so a stable sort by pixel keeps each pixel's list front to back
+    pix, by_pixel = torch.sort(pix, stable=True)
+    rank, alpha = rank[by_pixel], alpha[by_pixel]
     used = _before_saturation(alpha, pix)
-    return order[rank[used]], pix[used]
+    return order[rank[used]], pix[used].long()
