@@ -217,6 +217,15 @@ def test_instance_labels_from_model():
     assert labels.dtype == np.int64 and labels.tolist() == [3, 0, -1]
 
 
+def test_export_benchmark_smoke(ns_export):  # ns_export: nerfstudio's exporter is already imported
+    from trace3d_ns.benchmarks.export import run_export_benchmark
+
+    result = run_export_benchmark(num_gaussians=2000, nerfstudio_gaussians=200, repeats=1)
+    assert 0 < result["num_written"] < 2000
+    assert result["nerfstudio_write_s_per_million_extrapolated"] == pytest.approx(result["nerfstudio_write_s"] * 5000)
+    assert result["speedup_per_gaussian_extrapolated"] > 1.0
+
+
 def test_cli_missing_config(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "trace3d_ns.export.cli", "--load-config", str(tmp_path / "nope.yml"), "--output-dir", str(tmp_path / "o")],

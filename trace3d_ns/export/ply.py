@@ -16,7 +16,8 @@ One `vertex` element, binary little-endian, float32 properties in this order::
 - Extra per-vertex properties (e.g. an int32 `instance`) may follow the splat properties.
 
 The table is built as one float32 matrix and written as one numpy structured array with a single
-`tofile`, about 50x faster than nerfstudio's per-vertex loop; the data bytes are identical.
+`tofile`: about 1 s per million Gaussians (SH degree 3) where nerfstudio's per-vertex loop takes
+70-120 s; the data bytes are identical (`trace3d_ns.benchmarks.export`).
 """
 
 from __future__ import annotations
