@@ -99,7 +99,10 @@ def test_bytes_equal_ns_export(ns_export, tmp_path, sh_degree):
 
     their_header, their_body = split_ply(theirs)
     our_header, our_body = split_ply(ours)
-    assert [l for l in our_header if not l.startswith("comment")] == [l for l in their_header if not l.startswith("comment")]
+    def layout(header: list[str]) -> list[str]:
+        return [line for line in header if not line.startswith("comment")]
+
+    assert layout(our_header) == layout(their_header)
     assert our_body == their_body
     assert keep[:6].tolist() == [False, False, False, False, True, True]
     assert int(keep.sum()) == int(their_header[4].split()[-1])  # "element vertex N"
@@ -169,7 +172,8 @@ def test_segmented_export_files_and_index(tmp_path):
     assert index["skipped"] == [{"id": 5, "num_gaussians": 2, "reason": "fewer than 3 exported Gaussians"}]
     assert not (tmp_path / "instance_5.ply").exists()
     assert json.loads((tmp_path / "instances.json").read_text()) == index
-    assert (index["num_gaussians"], index["num_exported"], index["num_background"], index["num_ambiguous"]) == (400, 399, 98, 50)
+    counts = [index[k] for k in ("num_gaussians", "num_exported", "num_background", "num_ambiguous")]
+    assert counts == [400, 399, 98, 50]
     total = sum(i["num_gaussians"] for i in index["instances"]) + sum(s["num_gaussians"] for s in index["skipped"])
     assert total + index["num_background"] + index["num_ambiguous"] == index["num_exported"]
 
@@ -227,12 +231,11 @@ def test_export_benchmark_smoke(ns_export):  # ns_export: nerfstudio's exporter 
 
 
 def test_cli_missing_config(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "trace3d_ns.export.cli", "--load-config", str(tmp_path / "nope.yml"), "--output-dir", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+    missing = tmp_path / "nope.yml"
+    command = [sys.executable, "-m", "trace3d_ns.export.cli", "--load-config", str(missing), "--output-dir", str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"trace3d-export: error: config file not found: {tmp_path / 'nope.yml'}"]
+    assert result.stderr.strip().splitlines() == [f"trace3d-export: error: config file not found: {missing}"]
     assert not (tmp_path / "o").exists()
 
 
@@ -240,11 +243,12 @@ def test_cli_missing_config(tmp_path):
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """config.yml of a 10-step trace3d run on a small generated scene (about 20 s)."""
     root = tmp_path_factory.mktemp("ckpt")
-    subprocess.run([str(BIN / "trace3d-scene"), "--out", str(root / "scene"), "--views", "8", "--size", "48"], check=True, capture_output=True, cwd=root)
+    scene = [str(BIN / "trace3d-scene"), "--out", str(root / "scene"), "--views", "8", "--size", "48"]
+    subprocess.run(scene, check=True, capture_output=True, cwd=root)
     train = [
         str(BIN / "ns-train"), "trace3d", "--data", str(root / "scene"), "--machine.device-type", "cpu",
-        "--vis", "tensorboard", "--max-num-iterations", "10", "--steps-per-save", "10", "--output-dir", str(root / "out"),
-        "--pipeline.datamanager.mask-source", "superpixel",
+        "--vis", "tensorboard", "--max-num-iterations", "10", "--steps-per-save", "10",
+        "--output-dir", str(root / "out"), "--pipeline.datamanager.mask-source", "superpixel",
     ]  # fmt: skip
     result = subprocess.run(train, capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -282,4 +286,5 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     scene = read_ply(out / "scene.ply")
     assert len(scene["x"]) == index["num_exported"] == len(plain["x"])
     for entry in index["instances"]:
-        assert len(read_ply(out / entry["file"])["x"]) == entry["num_gaussians"] == int((scene["instance"] == entry["id"]).sum())
+        in_scene = int((scene["instance"] == entry["id"]).sum())
+        assert len(read_ply(out / entry["file"])["x"]) == entry["num_gaussians"] == in_scene

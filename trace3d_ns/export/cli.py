@@ -13,8 +13,9 @@ Without instance labels in the model (tracing has not run yet):
   with a warning on stderr, and the exit code is 0: a quick splat export still works;
 - with explicit ids it is an error.
 
-Exit codes: 0 success; 2 invalid invocation (bad arguments, config file not found, ids not in the
-labels, explicit ids without labels), each reported as one line on stderr without a traceback.
+Exit codes: 0 success; 2 invalid invocation or input (bad arguments, config file not found, ids not
+in the labels, explicit ids without labels, labels not matching the Gaussians), each reported as one
+line on stderr without a traceback (argparse adds its usage line for bad arguments).
 Failures inside nerfstudio's loading (e.g. no checkpoint) keep nerfstudio's own messages.
 """
 
@@ -40,15 +41,22 @@ def parse_instances(text: str) -> Union[str, List[int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Export a trained trace3d model as one PLY per instance.")
-    parser.add_argument("--load-config", type=Path, required=True, help="config.yml of the training run")
-    parser.add_argument("--output-dir", type=Path, required=True, help="directory for the PLY files and instances.json")
-    parser.add_argument(
-        "--instances", type=parse_instances, default="all", help="'all' (every id > 0) or ids, e.g. 1,4,7 (default: all)"
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a trained trace3d model as scene.ply, one PLY per instance and instances.json.",
+        epilog="A model without instance labels: --instances all writes scene.ply only (with a warning); "
+        "explicit ids are an error.",
     )
+    parser.add_argument("--load-config", type=Path, required=True, metavar="CONFIG", help="the run's config.yml")
+    parser.add_argument("--output-dir", type=Path, required=True, metavar="DIR", help="where the files are written")
     parser.add_argument(
-        "--min-gaussians", type=int, default=1, help="skip instances with fewer exported Gaussians (default: 1)"
-    )
+        "--instances", type=parse_instances, default="all", metavar="all|ID,ID,...",
+        help="'all' (every id > 0) or ids, e.g. 1,4,7 (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-gaussians", type=int, default=1, metavar="N",
+        help="skip instances with fewer exported Gaussians (default: 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--bbox-percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,
         help="robust per-axis boxes from these percentiles, e.g. 1 99 (default: exact min/max)",

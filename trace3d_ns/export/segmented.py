@@ -62,7 +62,9 @@ def gaussian_rgb(table: SplatTable) -> np.ndarray:
     return np.clip(SH_C0 * dc + 0.5, 0.0, 1.0)
 
 
-def bounding_box(points: np.ndarray, percentiles: Optional[Tuple[float, float]] = None) -> Tuple[List[float], List[float]]:
+def bounding_box(
+    points: np.ndarray, percentiles: Optional[Tuple[float, float]] = None
+) -> Tuple[List[float], List[float]]:
     """Axis-aligned box (min, max) of points [M, 3]: exact, or per-axis (lo, hi) percentiles."""
     if percentiles is None:
         return points.min(axis=0).tolist(), points.max(axis=0).tolist()
@@ -153,7 +155,9 @@ def export_segmented(
             }
         )
 
-    bbox = {"method": "exact"} if bbox_percentiles is None else {"method": "percentile", "percentiles": list(bbox_percentiles)}
+    bbox = {"method": "exact"}
+    if bbox_percentiles is not None:
+        bbox = {"method": "percentile", "percentiles": list(bbox_percentiles)}
     index = {
         "scene_file": SCENE_FILE,
         "num_gaussians": len(table),
