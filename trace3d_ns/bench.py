@@ -21,7 +21,13 @@ def _masks(args: argparse.Namespace) -> Dict:
     return run_masks_benchmark(None)
 
 
-BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {"raster": _raster, "masks": _masks}
+def _export(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.export import run_export_benchmark
+
+    return run_export_benchmark()
+
+
+BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {"raster": _raster, "masks": _masks, "export": _export}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

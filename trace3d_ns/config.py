@@ -52,6 +52,7 @@ def trace3d_trainer_config() -> TrainerConfig:
             "opacities": _adam(0.05),
             "scales": _adam(0.005),
             "quats": _adam(0.001),
+            "features": _adam(0.005),
             "camera_opt": _adam(1e-4, final=5e-7, warmup=1000),
             "bilateral_grid": _adam(2e-3, final=1e-4, warmup=1000),
         },

@@ -26,7 +26,10 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from nerfstudio.utils.rich_utils import CONSOLE
+from trace3d_ns.data.patches import downscale_patches
 from trace3d_ns.device import require_device
+from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
+from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
 from trace3d_ns.rendering import rasterize
 
@@ -36,6 +39,18 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     """Gaussian splatting with Gaussian Instance Tracing, on CUDA (gsplat) or CPU (torch backend)."""
 
     _target: Type = field(default_factory=lambda: Trace3DModel)
+    feature_dim: int = 16
+    """Dimension of the instance feature lifted onto each Gaussian (0 disables the feature field)."""
+    feature_start_step: int = 1000
+    """Step from which features are rendered and trained (after the RGB warm-up)."""
+    contrastive_weight: float = 0.1
+    """Weight of the contrastive loss on rendered features."""
+    contrastive_samples: int = 4096
+    """Labelled pixels sampled per step for the contrastive loss."""
+    contrastive_temperature: float = 100.0
+    """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss."""
+    feature_grad_to_geometry: bool = False
+    """Whether the contrastive loss may move means, scales, rotations and opacities."""
 
 
 class Trace3DModel(SplatfactoModel):
@@ -76,6 +91,8 @@ class Trace3DModel(SplatfactoModel):
             )
         self.strategy = self._make_strategy()
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+        self.feature_pca = FeaturePCA()
+        self.register_buffer("instance_labels", torch.zeros(0, dtype=torch.long), persistent=True)
 
     def _initial_gaussians(self) -> Dict[str, Parameter]:
         """Gaussians at the seed points (coloured) or uniformly random in a cube, on the CPU."""
@@ -95,7 +112,7 @@ class Trace3DModel(SplatfactoModel):
             features_dc = RGB2SH(rgb) if cfg.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
         else:
             features_dc = torch.rand(n, 3)
-        return {
+        params = {
             "means": Parameter(means),
             "scales": Parameter(torch.log(avg_dist.clamp(min=1e-7).repeat(1, 3))),
             "quats": Parameter(random_quat_tensor(n)),
@@ -103,6 +120,9 @@ class Trace3DModel(SplatfactoModel):
             "features_rest": Parameter(features_rest),
             "opacities": Parameter(torch.logit(0.1 * torch.ones(n, 1))),
         }
+        if cfg.feature_dim > 0:
+            params["features"] = Parameter(0.1 * torch.randn(n, cfg.feature_dim))
+        return params
 
     def _make_strategy(self) -> DefaultStrategy:
         cfg = self.config
@@ -124,6 +144,20 @@ class Trace3DModel(SplatfactoModel):
             verbose=False,
         )
 
+    def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
+        return {name: [param] for name, param in self.gauss_params.items()}
+
+    @property
+    def has_features(self) -> bool:
+        return "features" in self.gauss_params
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        # splatfacto resizes gauss_params (features included) to the checkpoint; per-Gaussian buffers too
+        labels = state_dict.get("instance_labels")
+        shape = labels.shape if labels is not None else (0,)
+        self.instance_labels = torch.zeros(shape, dtype=torch.long, device=self.device)
+        return super().load_state_dict(state_dict, **kwargs)
+
     # ---- rendering ----------------------------------------------------------------------------
     def activated_gaussians(self, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Rasterizer-ready tensors (scales exp'd, opacities sigmoid'd), optionally a subset."""
@@ -137,6 +171,7 @@ class Trace3DModel(SplatfactoModel):
             "scales": torch.exp(pick(self.scales)),
             "opacities": torch.sigmoid(pick(self.opacities)).squeeze(-1),
             "sh": torch.cat([pick(self.features_dc)[:, None, :], pick(self.features_rest)], dim=1),
+            **({"features": pick(self.gauss_params["features"])} if self.has_features else {}),
         }
 
     def camera_matrices(self, camera: Cameras) -> tuple[Tensor, Tensor, int, int]:
@@ -183,12 +218,45 @@ class Trace3DModel(SplatfactoModel):
         rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)  # [1, H, W, 3]
         if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
             rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        outputs: Dict[str, Union[Tensor, List]] = {}
+        if self.has_features and (not self.training or self.step >= self.config.feature_start_step):
+            outputs["feature"] = self._render_features(g, viewmat, K, W, H)[0]  # [H, W, D]
         depth = None
         if render_mode == "RGB+ED":
             depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
         if background.shape[0] == 3 and not self.training:
             background = background.expand(H, W, 3)
-        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+        outputs.update(rgb=rgb.squeeze(0), depth=depth, accumulation=alpha.squeeze(0), background=background)
+        return outputs
+
+    def _render_features(self, g: Dict[str, Tensor], viewmat: Tensor, K: Tensor, W: int, H: int) -> Tensor:
+        """Features composited like colour, by the same backend. [1, H, W, D]"""
+        geometry = [g["means"], g["quats"], g["scales"], g["opacities"]]
+        if not self.config.feature_grad_to_geometry:
+            geometry = [t.detach() for t in geometry]
+        features, _, _ = rasterize(
+            *geometry, g["features"], viewmat, K, W, H, packed=False, near_plane=0.01, far_plane=1e10,
+            render_mode="RGB", rasterize_mode=self.config.rasterize_mode,
+        )
+        return features
+
+    # ---- losses -------------------------------------------------------------------------------
+    def training_labels(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+        """The instance labels to lift: consistent maps once GIT made them, else the raw patches."""
+        labels = batch.get("instances", batch.get("patches"))
+        if labels is None:
+            return None
+        return downscale_patches(labels, self.last_size).to(self.device)  # [H, W] at the render size
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        labels = self.training_labels(batch) if "feature" in outputs and self.training else None
+        if labels is not None:
+            picked = sample_labelled_pixels(labels, self.config.contrastive_samples)
+            features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
+            loss = contrastive_loss(features, labels.reshape(-1)[picked], self.config.contrastive_temperature)
+            loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
+        return loss_dict
 
     # ---- evaluation ---------------------------------------------------------------------------
     def get_image_metrics_and_images(self, outputs, batch):

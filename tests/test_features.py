@@ -1,0 +1,100 @@
+"""The feature field: contrastive loss, rendered features and their gradients, stable PCA."""
+
+import torch
+
+from tests.test_method import _camera, _model
+from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
+from trace3d_ns.features.palette import colorize_ids, instance_palette
+from trace3d_ns.features.pca import FeaturePCA
+
+
+def test_loss_prefers_features_that_match_the_instance_map():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(1, 5, (400,), generator=g)
+    centres = torch.randn(5, 16, generator=g) * 0.3
+    matching = centres[labels] + 0.01 * torch.randn(400, 16, generator=g)
+    shuffled = matching[torch.randperm(400, generator=g)]
+    good, bad = contrastive_loss(matching, labels, 100.0), contrastive_loss(shuffled, labels, 100.0)
+    assert good < 0.1 * bad
+    assert good >= 0
+
+
+def test_loss_ignores_pixels_without_positives():
+    f = torch.randn(3, 4, requires_grad=True)
+    loss = contrastive_loss(f, torch.tensor([1, 2, 3]), 10.0)
+    assert loss.item() == 0.0
+    loss.backward()  # still differentiable
+
+
+def test_sampling_takes_only_labelled_pixels():
+    labels = torch.zeros(10, 10, dtype=torch.int32)
+    labels[2:5, 3:8] = 7
+    picked = sample_labelled_pixels(labels, 8, torch.Generator().manual_seed(1))
+    assert picked.numel() == 8 and (labels.reshape(-1)[picked] == 7).all()
+    assert picked.unique().numel() == 8
+    assert sample_labelled_pixels(labels, 100).numel() == 15
+
+
+def _trained_model():
+    from nerfstudio.engine.optimizers import Optimizers
+    from trace3d_ns.config import trace3d_trainer_config
+
+    g = torch.Generator().manual_seed(0)
+    model = _model((torch.rand(300, 3, generator=g) - 0.5, torch.randint(0, 255, (300, 3), generator=g)))
+    model.config.feature_start_step = 0
+    optimizers = Optimizers(trace3d_trainer_config().optimizers, model.get_param_groups())
+    model.step_cb(optimizers, 0)
+    return model, optimizers
+
+
+def test_features_render_train_and_leave_geometry_alone():
+    model, _ = _trained_model()
+    assert model.gauss_params["features"].shape == (300, 16)
+    model.train()
+    out = model.get_outputs(_camera())
+    H, W = model.last_size
+    assert out["feature"].shape == (H, W, 16)
+    patches = torch.zeros(30, 40, dtype=torch.int32)
+    patches[:, :20], patches[:, 20:] = 1, 2
+    losses = model.get_loss_dict(out, {"image": torch.rand(30, 40, 3), "patches": patches})
+    assert losses["contrastive_loss"] > 0
+    losses["contrastive_loss"].backward()
+    assert model.gauss_params["features"].grad.abs().sum() > 0
+    assert model.means.grad is None or model.means.grad.abs().sum() == 0  # detached geometry by default
+
+
+def test_feature_gradients_reach_geometry_when_asked():
+    model, _ = _trained_model()
+    model.config.feature_grad_to_geometry = True
+    model.train()
+    out = model.get_outputs(_camera())
+    out["feature"].square().sum().backward()
+    assert model.means.grad.abs().sum() > 0
+
+
+def test_features_follow_densification_and_checkpoints():
+    model, _ = _trained_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    other = _model(None)  # different Gaussian count: load_state_dict resizes everything
+    other.load_state_dict(state)
+    assert other.gauss_params["features"].shape == (300, 16)
+    torch.testing.assert_close(other.gauss_params["features"], model.gauss_params["features"])
+
+
+def test_pca_projection_is_stable():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(5000, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    a = FeaturePCA().fit(feats)
+    b = FeaturePCA().fit(feats.flip(0))  # same data, other order
+    x = feats[:100]
+    torch.testing.assert_close(a.project(x), a.project(x))
+    torch.testing.assert_close(a.project(x), b.project(x), atol=1e-4, rtol=1e-4)
+    assert a.project(x).min() >= 0 and a.project(x).max() <= 1
+
+
+def test_palette_is_distinct_and_background_black():
+    pal = instance_palette(64)
+    assert torch.equal(pal[0], torch.zeros(3))
+    d = torch.cdist(pal[1:], pal[1:]) + torch.eye(63) * 10
+    assert d.min() > 0.02
+    assert colorize_ids(torch.tensor([[0, 3]])).shape == (1, 2, 3)

@@ -1,0 +1,1 @@
+"""The lifted feature field: contrastive loss, a stable PCA view, instance colours."""
