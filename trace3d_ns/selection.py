@@ -1,0 +1,112 @@
+"""From a pixel to an object's Gaussians, and back to an image.
+
+Used by the viewer's click selection, the evaluation harness and self-prompting. Two ways to
+select from a clicked pixel:
+
+- `feature`: the pixel's rendered feature q; Gaussian i is selected when
+  exp(-tau * ||f_i - q||^2) >= threshold, the similarity kernel the contrastive loss trains.
+- `instance`: the Gaussians' instance labels (from Gaussian Instance Tracing) voted by their
+  blending weight at the pixel; every Gaussian with the winning label is selected.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Tuple
+
+import torch
+from torch import Tensor
+
+from trace3d_ns.rendering import Contributions, contributions, rasterize
+
+SelectionMode = Literal["auto", "feature", "instance"]
+
+
+def camera_contributions(model, camera) -> Contributions:
+    """Every (Gaussian, pixel, alpha*T) of `camera` (a single nerfstudio camera), full resolution."""
+    g = model.activated_gaussians()
+    viewmat, K, W, H = full_resolution_matrices(model, camera)
+    return contributions(
+        g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(),
+        viewmat[0], K[0], W, H, rasterize_mode=model.config.rasterize_mode,
+    )
+
+
+def full_resolution_matrices(model, camera) -> Tuple[Tensor, Tensor, int, int]:
+    """(viewmat [1, 4, 4], K [1, 3, 3], W, H) of the camera as given, without training downscale."""
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    camera = camera.to(model.device)
+    K = camera.get_intrinsics_matrices().reshape(1, 3, 3)
+    return get_viewmat(camera.camera_to_worlds).to(model.device), K, int(camera.width.item()), int(camera.height.item())
+
+
+def _pixel_index(xy: Tuple[float, float], width: int, height: int) -> int:
+    x, y = int(xy[0]), int(xy[1])
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(f"pixel {xy} is outside the {width}x{height} image")
+    return y * width + x
+
+
+@torch.no_grad()
+def pixel_weights(model, camera, xy: Tuple[float, float]) -> Tuple[Tensor, Tensor]:
+    """(gaussian_ids [k], weights [k]) of the Gaussians that rendered pixel xy = (x, y)."""
+    c = camera_contributions(model, camera)
+    at = c.pixel_ids == _pixel_index(xy, c.width, c.height)
+    return c.gaussian_ids[at], c.weights[at]
+
+
+@torch.no_grad()
+def pixel_feature(model, camera, xy: Tuple[float, float]) -> Tensor:
+    """The rendered (alpha-normalised) feature at pixel xy. [D]"""
+    ids, w = pixel_weights(model, camera, xy)
+    if ids.numel() == 0:
+        raise ValueError(f"nothing is rendered at pixel {xy}")
+    f = model.gauss_params["features"][ids]
+    return (w[:, None] * f).sum(0) / w.sum()
+
+
+@torch.no_grad()
+def select_by_feature(model, query: Tensor, threshold: float = 0.5) -> Tensor:
+    """Gaussians whose feature similarity exp(-tau ||f - q||^2) to `query` is >= threshold. [N] bool"""
+    d2 = (model.gauss_params["features"] - query.to(model.device)).square().sum(-1)
+    return torch.exp(-model.config.contrastive_temperature * d2) >= threshold
+
+
+@torch.no_grad()
+def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
+    """All Gaussians carrying the instance label that wins the weighted vote at pixel xy. [N] bool"""
+    labels = model.instance_labels
+    if labels.numel() != model.num_points:
+        raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
+    ids, w = pixel_weights(model, camera, xy)
+    lab = labels[ids]
+    keep = lab > 0
+    if not keep.any():
+        return torch.zeros_like(labels, dtype=torch.bool)
+    votes = torch.zeros(int(labels.max()) + 1, device=w.device).index_add_(0, lab[keep], w[keep])
+    return labels == int(votes.argmax())
+
+
+def select_from_point(
+    model, camera, xy: Tuple[float, float], mode: SelectionMode = "auto", threshold: float = 0.5
+) -> Tensor:
+    """The Gaussians of the object under pixel xy. `auto` uses features when the model has them."""
+    if mode == "auto":
+        mode = "feature" if "features" in model.gauss_params else "instance"
+    if mode == "feature":
+        return select_by_feature(model, pixel_feature(model, camera, xy), threshold)
+    if mode == "instance":
+        return select_by_instance(model, camera, xy)
+    raise ValueError(f"unknown selection mode {mode!r}")
+
+
+@torch.no_grad()
+def render_subset_alpha(model, camera, mask: Tensor) -> Tensor:
+    """Accumulated alpha of the selected Gaussians rendered alone, full resolution. [H, W]"""
+    viewmat, K, W, H = full_resolution_matrices(model, camera)
+    if not mask.any():
+        return torch.zeros(H, W, device=model.device)
+    g = model.activated_gaussians(mask)
+    ones = torch.ones(g["means"].shape[0], 1, device=model.device)
+    _, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], ones, viewmat, K, W, H)
+    return alpha[0, ..., 0]
