@@ -1,0 +1,419 @@
+"""Consistent instance maps from Gaussian instance traces (Trace3D, section "consistent instance map").
+
+Definitions (all thresholds are :class:`MergeConfig` fields):
+
+- Gaussian ``g`` is **seen** in view ``v`` when its total weight there is >= ``min_weight``, and
+  **informative** when it is seen and its most probable patch is not ``0`` (a Gaussian in the
+  region no mask covers says nothing about instances).
+- ``g`` is **traced to** patch ``a`` of view ``v`` when it is informative in ``v``, ``a`` is its
+  most probable patch and that probability is >= ``traced_min_prob``.
+- For a patch ``a`` and another view ``v'``: ``n_a^v'`` / ``m_a^v'`` count ``a``'s traced
+  Gaussians seen / informative in ``v'``, and ``S_a^v'`` sums the distributions (over the patches
+  of ``v'`` other than 0) of the informative ones. View ``v'`` is **usable** for ``a`` when
+  ``m_a^v' >= min_informative * n_a^v'``: most of ``a`` is covered by masks there, so the few
+  Gaussians that spill into a neighbour's mask cannot speak for the whole patch.
+- **Within-view similarity** of patches ``a, b`` of view ``v``, over the other views usable for
+  both (at least ``min_views`` of them): with ``similarity="pairs"`` the paper's mean of
+  ``<W_ga^v', W_gb^v'>`` over all (``g_a`` traced to ``a``, ``g_b`` traced to ``b``, ``v'``)
+  with both informative, which is exactly ``sum_v' <S_a^v', S_b^v'> / sum_v' m_a^v' m_b^v'``;
+  with ``similarity="views"`` (default) the mean over those views of
+  ``<S_a^v', S_b^v'> / (m_a^v' m_b^v')``, so that every view has one vote (with "pairs", views
+  that see many Gaussians of both patches dominate). Both are exact, no sampling: with the sparse
+  product ``C = M D`` (``M``: traced-to indicator [patches, N]; ``D``: distributions [N, patches])
+  each view's similarities are one small product of ``C``'s rows. Patches ``a, b`` merge when
+  ``sim > merge_threshold`` and both have >= ``min_traced`` traced Gaussians.
+- **Segments** are the within-view merged groups (their ``C`` rows and counts are sums over the
+  member patches). For segments ``s`` (view ``v``) and ``s'`` (view ``v' != v``),
+  ``f(s -> s') = C[s, s'] / n_s^v'``: the share of ``s``'s traced Gaussians seen in ``v'`` that
+  fall in ``s'``. ``s`` and ``s'`` are **linked** when ``f(s -> s') > link_threshold`` and
+  ``f(s' -> s) > link_threshold`` (mutual majority: with a threshold >= 0.5 a segment links to at
+  most one segment per view) and ``n_s^v', n_s'^v >= min_traced``.
+- **Global ids**: union-find (hooking + path compression, vectorized) over every patch of every
+  view with the merge and link edges, so identity is transitive; components are numbered 1..G in
+  order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no instance") and
+  never merges or links.
+- **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
+  kept patch in each view where the Gaussian is seen; its confidence is the winning share of the
+  votes (0 for Gaussians seen nowhere).
+
+The sparse products run on the CPU with scipy; the results come back on the store's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from trace3d_ns.git.tracing import InstanceTraces
+from trace3d_ns.rendering import Contributions
+
+
+@dataclass
+class MergeConfig:
+    """Thresholds of patch merging and cross-view linking (see the module docstring)."""
+
+    similarity: Literal["views", "pairs"] = "views"
+    """pairs: the paper's mean of <W_ga, W_gb> over all (Gaussian pair, other view) combinations, in
+    which views seeing many Gaussians of both patches dominate; views: the mean over the other views
+    of that view's mean inner product, so every view gets one vote (see the module docstring)."""
+    min_weight: float = 0.05
+    """A Gaussian is seen in a view when its total weight there is >= this (alpha * T units; use
+    pixels for a store traced in count mode)."""
+    traced_min_prob: float = 0.5
+    """A Gaussian is traced to its most probable patch when that probability is >= this."""
+    merge_threshold: float = 0.5
+    """theta: patches of one view merge when their multi-view similarity exceeds this."""
+    min_traced: int = 3
+    """Patches (and segments) with fewer traced Gaussians are kept as they are: no merge, no link."""
+    min_informative: float = 0.5
+    """A view is usable for a patch when at least this share of its traced Gaussians seen there
+    are informative (in some mask)."""
+    min_seen_fraction: float = 0.2
+    """A view is usable for a patch (and counts for linking it) only when at least this share of the
+    patch's traced Gaussians are seen there."""
+    min_views: int = 2
+    """Patches are compared only when at least this many other views are usable for both."""
+    link_threshold: float = 0.5
+    """Segments of two views are linked when each one's Gaussians map to the other above this."""
+
+
+@dataclass
+class MergeStats:
+    """Size of the merge graph."""
+
+    num_patches: int
+    """Non-zero patches over all views."""
+    candidate_patches: int
+    """Patches with >= min_traced traced Gaussians."""
+    within_view_merges: int
+    """Patch pairs of one view with similarity above the threshold (graph edges)."""
+    num_segments: int
+    """Non-zero patch groups after within-view merging."""
+    cross_view_links: int
+    """Accepted mutual-majority links between segments of different views (graph edges)."""
+    num_instances: int
+    """Global instance ids (excluding 0)."""
+
+
+@dataclass
+class ConsistentInstances:
+    """Consistent instance maps and per-Gaussian instance labels."""
+
+    maps: List[Tensor]
+    """One int32 [H, W] map of global ids per view (0 = no instance)."""
+    patch_to_global: List[Tensor]
+    """Per view, int64 [num_patches[v]]: global id of each patch (entry 0 is 0)."""
+    gaussian_labels: Tensor  # [N] int64 global id, 0 = none
+    gaussian_confidence: Tensor  # [N] float32 in [0, 1]
+    stats: MergeStats
+
+
+def consistent_instances(
+    traces: InstanceTraces, patch_maps: Sequence[Tensor], config: MergeConfig | None = None
+) -> ConsistentInstances:
+    """Merge patches within views, link them across views and label maps and Gaussians."""
+    config = config or MergeConfig()
+    if len(patch_maps) != traces.num_views:
+        raise ValueError(f"expected {traces.num_views} patch maps, got {len(patch_maps)}")
+    t = _TraceArrays(traces, config)
+
+    traced = t.traced_matrix()  # [P, N]
+    cotrace = _drop_same_view((traced @ t.distribution_matrix()).tocoo(), t.patch_view)  # [P, P]
+    own = (np.arange(t.num_nodes), t.patch_view)
+    seen = traced @ t.view_matrix(t.seen)  # [P, L] n_a^v'
+    informative = traced @ t.view_matrix(t.informative)  # [P, L] m_a^v'
+    seen[own], informative[own] = 0.0, 0.0
+    num_traced = np.asarray(traced.sum(axis=1)).ravel()  # [P]
+    candidate = (num_traced >= config.min_traced) & (t.patch_local > 0)  # [P]
+
+    merge_edges = _within_view_merges(cotrace, seen, informative, num_traced, t, config)  # [2, m]
+    segment = union_find(t.num_nodes, torch.from_numpy(merge_edges)).numpy()  # [P] root patch
+    real = t.patch_local > 0  # [P] patch 0 of a view is no instance
+    links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, real, config)  # [2, k]
+
+    edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
+    root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
+    global_id = _compact(root, real)  # [P], 0 for patch 0
+    luts = [torch.from_numpy(global_id[t.base[v] : t.base[v + 1]]) for v in range(traces.num_views)]
+    labels, confidence = _gaussian_votes(t, global_id, config)
+
+    device = traces.device
+    maps = [lut.to(m.device)[m.long()].int() for lut, m in zip(luts, patch_maps)]
+    stats = MergeStats(
+        num_patches=int(real.sum()),
+        candidate_patches=int(candidate.sum()),
+        within_view_merges=merge_edges.shape[1],
+        num_segments=len(np.unique(segment[real])),
+        cross_view_links=links.shape[1],
+        num_instances=int(global_id.max()) if global_id.size else 0,
+    )
+    return ConsistentInstances(
+        maps=maps,
+        patch_to_global=[lut.to(device) for lut in luts],
+        gaussian_labels=torch.from_numpy(labels).to(device),
+        gaussian_confidence=torch.from_numpy(confidence).to(device),
+        stats=stats,
+    )
+
+
+@torch.no_grad()
+def render_label_map(contrib: Contributions, gaussian_labels: Tensor) -> Tensor:
+    """Per-pixel instance id [H, W] int32 of one view from per-Gaussian labels: the label with the
+    largest summed alpha * T among the pixel's contributions (0 where nothing is drawn).
+
+    Rendering the 3D labels splits what a view's patches under-segment (two objects SAM merged in
+    that view carry different labels in 3D) and fills what they miss; the merged-patch maps of
+    :func:`consistent_instances` keep the view's own 2D boundaries."""
+    num_labels = int(gaussian_labels.max()) + 1 if gaussian_labels.numel() else 1
+    labels = gaussian_labels.to(contrib.gaussian_ids.device)[contrib.gaussian_ids]  # [P]
+    keys, inverse = torch.unique(contrib.pixel_ids * num_labels + labels, return_inverse=True)  # [U]
+    votes = torch.zeros(keys.numel(), device=keys.device).index_add_(0, inverse, contrib.weights)
+    pixel = torch.div(keys, num_labels, rounding_mode="floor")
+    order = torch.argsort(votes, descending=True, stable=True)
+    order = order[torch.argsort(pixel[order], stable=True)]  # per pixel, most votes first
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = pixel[order][1:] != pixel[order][:-1]
+    out = torch.zeros(contrib.height * contrib.width, dtype=torch.int32, device=keys.device)
+    out[pixel[order][first]] = (keys - pixel * num_labels)[order][first].int()
+    return out.reshape(contrib.height, contrib.width)
+
+
+@torch.no_grad()
+def union_find(num_nodes: int, edges: Tensor) -> Tensor:
+    """Connected components of an undirected graph: root (smallest node id) of every node. [num_nodes]
+
+    Vectorized union-find: every edge hooks the larger of its two roots under the smaller one
+    (``scatter_reduce`` amin, so concurrent hooks of one root keep the smallest), then pointer
+    jumping compresses every path to its root; repeated until no edge joins two roots. Parents
+    only decrease, so there are no cycles and it terminates.
+
+    Args:
+        num_nodes: node count.
+        edges: [2, E] int node pairs.
+    """
+    parent = torch.arange(num_nodes, device=edges.device)
+    u, v = edges.long()
+    while True:
+        ru, rv = parent[u], parent[v]
+        lo, hi = torch.minimum(ru, rv), torch.maximum(ru, rv)
+        joining = lo != hi
+        if not bool(joining.any()):
+            return parent
+        parent = parent.scatter_reduce(0, hi[joining], lo[joining], reduce="amin")
+        while True:  # path compression: point every node at its root
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+
+
+class _TraceArrays:
+    """The store's observations and entries as numpy arrays, with global patch indices."""
+
+    def __init__(self, traces: InstanceTraces, config: MergeConfig) -> None:
+        self.num_gaussians = traces.num_gaussians
+        self.num_views = traces.num_views
+        num_patches = traces.num_patches.cpu().numpy()
+        self.base = np.concatenate([[0], np.cumsum(num_patches)])  # [L + 1] first global patch of each view
+        self.num_nodes = int(self.base[-1])
+        self.patch_view = np.repeat(np.arange(self.num_views), num_patches)  # [P]
+        self.patch_local = np.arange(self.num_nodes) - self.base[self.patch_view]  # [P]
+
+        self.obs_gaussian = traces.obs_gaussian().cpu().numpy()  # [O]
+        self.obs_view = traces.obs_view.cpu().numpy().astype(np.int64)  # [O]
+        self.seen = traces.obs_weight.cpu().numpy().astype(np.float32) >= config.min_weight  # [O]
+        top = traces.argmax().cpu().numpy()  # [O]
+        self.informative = self.seen & (top > 0)  # [O]
+        self.traced = self.informative & (traces.max_prob().cpu().numpy() >= config.traced_min_prob)  # [O]
+        self.obs_top = self.base[self.obs_view] + top  # [O] global patch
+
+        entry_obs = traces.entry_obs().cpu().numpy()  # [E]
+        self.entry_obs = entry_obs
+        self.entry_patch = self.base[self.obs_view[entry_obs]] + traces.entry_patch.cpu().numpy()  # [E] global
+        self.entry_prob = traces.probs().cpu().numpy()  # [E]
+        self.entry_local = traces.entry_patch.cpu().numpy()  # [E]
+
+    def traced_matrix(self) -> sp.csr_matrix:
+        """M [P, N]: 1 where Gaussian n is traced to patch p."""
+        rows, cols = self.obs_top[self.traced], self.obs_gaussian[self.traced]
+        return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(self.num_nodes, self.num_gaussians))
+
+    def distribution_matrix(self) -> sp.csr_matrix:
+        """D [N, P]: W[n, p] over the non-zero patches of the views where n is informative."""
+        keep = self.informative[self.entry_obs] & (self.entry_local > 0)
+        rows, cols = self.obs_gaussian[self.entry_obs[keep]], self.entry_patch[keep]
+        return sp.csr_matrix((self.entry_prob[keep], (rows, cols)), shape=(self.num_gaussians, self.num_nodes))
+
+    def view_matrix(self, obs: np.ndarray) -> np.ndarray:
+        """[N, L] dense indicator of the observations selected by the bool mask ``obs`` [O]."""
+        out = np.zeros((self.num_gaussians, self.num_views))
+        out[self.obs_gaussian[obs], self.obs_view[obs]] = 1.0
+        return out
+
+
+def _drop_same_view(m: sp.coo_matrix, patch_view: np.ndarray) -> sp.csr_matrix:
+    """Zero the entries whose row and column patches belong to the same view."""
+    keep = patch_view[m.row] != patch_view[m.col]
+    return sp.csr_matrix((m.data[keep], (m.row[keep], m.col[keep])), shape=m.shape)
+
+
+def _within_view_merges(
+    cotrace: sp.csr_matrix,
+    seen: np.ndarray,
+    informative: np.ndarray,
+    num_traced: np.ndarray,
+    t: "_TraceArrays",
+    config: MergeConfig,
+) -> np.ndarray:
+    """Greedy average-linkage merging inside every view; returns the merge edges [2, m] (global
+    patch indices). A merged group's ``C`` row and counts are the sums of its members', so a sliver
+    patch similar to two neighbours can join one of them but cannot bridge them."""
+    edges = []
+    for v in range(t.num_views):
+        lo, hi = int(t.base[v]) + 1, int(t.base[v + 1])  # patch 0 never merges
+        if hi - lo < 2:
+            continue
+        block = cotrace[lo:hi]
+        cols = np.unique(block.indices)  # the patches of other views this view's patches reach
+        groups = _Groups(
+            block[:, cols].toarray(), seen[lo:hi].copy(), informative[lo:hi].copy(), num_traced[lo:hi].copy(),
+            t.patch_view[cols], config,
+        )
+        edges.extend((lo + a, lo + b) for a, b in groups.merge_greedily())
+    return np.array(edges, dtype=np.int64).T.reshape(2, -1)
+
+
+class _Groups:
+    """Patches of one view being merged; rows are summed when groups merge."""
+
+    def __init__(
+        self, cotrace: np.ndarray, seen: np.ndarray, informative: np.ndarray, traced: np.ndarray,
+        col_view: np.ndarray, config: MergeConfig,
+    ) -> None:
+        self.c, self.n, self.m, self.traced = cotrace, seen, informative, traced  # [T, c], [T, L], [T, L], [T]
+        self.col_view, self.config = col_view, config
+        self.alive = traced >= config.min_traced  # [T] candidates
+        self.sim = np.full((len(traced), len(traced)), -np.inf)  # [T, T] -inf: not mergeable
+        rows = np.flatnonzero(self.alive)
+        self.sim[np.ix_(rows, rows)] = self._similarity(rows, rows)
+        np.fill_diagonal(self.sim, -np.inf)
+
+    def _similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Similarity [len(a), len(b)] of groups a and b; -inf where fewer than min_views views are usable."""
+        cfg = self.config
+        usable = (self.m > 0) & (self.m >= cfg.min_informative * self.n)  # [T, L]
+        usable &= self.n >= cfg.min_seen_fraction * self.traced[:, None]
+        u = usable.astype(np.float64)
+        if cfg.similarity == "views":
+            mean = np.divide(self.c, self.m[:, self.col_view], out=np.zeros_like(self.c), where=usable[:, self.col_view])
+            num, den = mean[a] @ mean[b].T, u[a] @ u[b].T
+        else:
+            masked = self.c * usable[:, self.col_view]
+            mu = self.m * u
+            num, den = masked[a] @ masked[b].T, mu[a] @ mu[b].T
+        views = u[a] @ u[b].T
+        sim = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        return np.where(views >= cfg.min_views, sim, -np.inf)
+
+    def merge_greedily(self) -> List[tuple]:
+        """Merge the most similar pair while its similarity exceeds the threshold; the merged pairs."""
+        merged = []
+        while True:
+            flat = int(np.argmax(self.sim))
+            i, j = divmod(flat, self.sim.shape[1])
+            if not self.sim[i, j] > self.config.merge_threshold:
+                return merged
+            merged.append((i, j))
+            self.c[i] += self.c[j]
+            self.n[i] += self.n[j]
+            self.m[i] += self.m[j]
+            self.traced[i] += self.traced[j]
+            self.alive[j] = False
+            self.sim[j, :] = self.sim[:, j] = -np.inf
+            rows = np.flatnonzero(self.alive)
+            row = self._similarity(np.array([i]), rows)[0]
+            self.sim[i, rows] = self.sim[rows, i] = row
+            self.sim[i, i] = -np.inf
+
+
+def _cross_view_links(
+    cotrace: sp.csr_matrix, seen: np.ndarray, num_traced: np.ndarray, segment: np.ndarray, patch_view: np.ndarray,
+    real: np.ndarray, config: MergeConfig,
+) -> np.ndarray:
+    """Accepted mutual-majority links [2, k] between segments (named by their root patch)."""
+    num_nodes = len(segment)
+    agg = sp.csr_matrix((real.astype(np.float64), (segment, np.arange(num_nodes))), shape=(num_nodes, num_nodes))
+    co = (agg @ cotrace @ agg.T).tocoo()  # [S, S] summed over member patches, indexed by root patch
+    n = agg @ seen  # [S, L] traced Gaussians of a segment seen in each view
+    traced = agg @ num_traced  # [S]
+    n_row = n[co.row, patch_view[co.col]]  # the row segment's Gaussians seen in the column's view
+    enough = (n_row >= config.min_traced) & (n_row >= config.min_seen_fraction * traced[co.row])
+    f = sp.csr_matrix((np.where(enough, co.data / np.maximum(n_row, 1.0), 0.0), (co.row, co.col)), shape=co.shape)
+    mutual = f.minimum(f.T).tocoo()  # min(f(s -> s'), f(s' -> s))
+    keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
+    order = np.argsort(-mutual.data[keep], kind="stable")
+    candidates = np.stack([mutual.row[keep][order], mutual.col[keep][order]])  # [2, c] strongest first
+    views = np.zeros((num_nodes, len(n[0]) if len(n) else 0), dtype=bool)  # [S, L] views of each component
+    views[segment[real], patch_view[real]] = True
+    return constrained_links(candidates, views)
+
+
+def constrained_links(candidates: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Greedy union-find over ``candidates`` [2, c] (strongest first): a link is accepted unless
+    the two components it joins already hold segments of a common view (within-view merging
+    decided those are different instances). ``views`` [S, L] says which views each node's segment
+    is in. Union-find with path compression; returns the accepted links [2, k]."""
+    parent = np.arange(len(views))
+    views = views.copy()
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    accepted = []
+    for a, b in candidates.T:
+        ra, rb = find(int(a)), find(int(b))
+        if ra == rb or (views[ra] & views[rb]).any():
+            continue
+        parent[rb] = ra
+        views[ra] |= views[rb]
+        accepted.append((a, b))
+    return np.array(accepted, dtype=np.int64).T.reshape(2, -1)
+
+
+def _compact(root: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Component roots [P] -> ids 1..G in order of first node; 0 where not ``real``."""
+    out = np.zeros(len(root), dtype=np.int64)
+    roots, first = np.unique(root[real], return_index=True)
+    rank = np.empty(len(roots), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(1, len(roots) + 1)
+    out[real] = rank[np.searchsorted(roots, root[real])]
+    return out
+
+
+def _gaussian_votes(t: _TraceArrays, global_id: np.ndarray, config: MergeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring)."""
+    keep = t.seen[t.entry_obs]
+    gaussian = t.obs_gaussian[t.entry_obs[keep]]  # [e]
+    ids = global_id[t.entry_patch[keep]]  # [e]
+    span = int(global_id.max()) + 1 if global_id.size else 1
+    keys, inverse = np.unique(gaussian * span + ids, return_inverse=True)
+    votes = np.bincount(inverse.ravel(), weights=t.entry_prob[keep], minlength=len(keys))  # [u]
+    owner, label = keys // span, keys % span
+    total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
+    order = np.lexsort((-votes, owner))  # per Gaussian, most votes first
+    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
+    labels = np.zeros(t.num_gaussians, dtype=np.int64)
+    best = np.zeros(t.num_gaussians)
+    labels[owner[first]], best[owner[first]] = label[first], votes[first]
+    confidence = np.divide(best, total, out=np.zeros_like(best), where=total > 0).astype(np.float32)
+    return labels, confidence

@@ -1,0 +1,377 @@
+"""Gaussian Instance Tracing: which instance patch every Gaussian belongs to, in every view.
+
+For one view with patch map ``patches`` [H, W] and the renderer's contributions (Gaussian ``g``
+put weight ``alpha * T`` into pixel ``p``), the trace of ``g`` is
+
+    w[g, j] = sum of alpha * T over the pixels p of patch j that g contributes to,
+
+an exact scatter-add (sorted unique keys + ``index_add_``, which is atomic on the GPU: no update
+is lost). ``W[g, j] = w[g, j] / sum_j w[g, j]`` is a probability over the view's patches and the
+total ``sum_j w[g, j]`` says how visible ``g`` is. Patch ``0`` ("covered by no mask") is traced
+like any other patch. ``mode="count"`` adds 1 per pixel instead of ``alpha * T`` (what the
+authors' release does by default), for comparison.
+
+Storage is sparse (:class:`InstanceTraces`): one *observation* per (Gaussian, view) with a
+total weight >= ``min_weight``, holding that total (float16) and its top-k patches (patch id, prob
+quantised to uint8, prob >= ``min_prob``; the top-1 is always kept). View and patch ids use the
+smallest integer type that holds them (uint8 up to 256 views / patches per view). The mass of the dropped
+patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
+form, entries by (observation, descending prob). Memory grows with the number of observations
+(about one entry each: most Gaussians lie inside one patch), never with Gaussians x patches x views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from trace3d_ns.rendering import Contributions
+
+PROB_SCALE = 255.0
+"""Probabilities are stored as uint8 ``round(prob * PROB_SCALE)``."""
+
+
+@dataclass
+class TraceConfig:
+    """What a trace keeps."""
+
+    mode: Literal["weight", "count"] = "weight"
+    """weight: add alpha * T per pixel (the paper); count: add 1 per pixel (the authors' release)."""
+    topk: int = 2
+    """Patches kept per (Gaussian, view), most probable first."""
+    min_prob: float = 0.02
+    """Patches below this probability are dropped (the top-1 is always kept)."""
+    min_weight: float = 0.05
+    """(Gaussian, view) observations whose total weight is below this are not stored: unseen. In
+    alpha * T units (a fully opaque Gaussian covering one pixel has weight 1), pixels in count mode.
+    The same value as the merging and ambiguity visibility threshold, so nothing they use is lost."""
+
+
+@dataclass
+class ViewTrace:
+    """The trace of one view, sorted by Gaussian: ``count[i]`` entries belong to ``gaussian[i]``."""
+
+    gaussian: Tensor  # [O] int64, ascending
+    weight: Tensor  # [O] float32 total weight
+    count: Tensor  # [O] int64 kept entries per observation, >= 1
+    patch: Tensor  # [E] int64, per observation by descending prob
+    prob: Tensor  # [E] float32
+
+
+def trace_view(
+    gaussian_ids: Tensor,  # [P] int64
+    labels: Tensor,  # [P] int64 patch of each pair's pixel
+    weights: Tensor,  # [P] float32 alpha * T (ignored in count mode)
+    num_labels: int,
+    config: TraceConfig,
+) -> ViewTrace:
+    """Scatter-add the pairs into per-(Gaussian, patch) weights, normalise per Gaussian, keep top-k."""
+    device = gaussian_ids.device
+    pair_w = torch.ones_like(weights) if config.mode == "count" else weights
+    keys, inverse = torch.unique(gaussian_ids * num_labels + labels, return_inverse=True)  # [U], [P]
+    w = torch.zeros(keys.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, pair_w.float())  # [U]
+    gaussian = torch.div(keys, num_labels, rounding_mode="floor")  # [U] ascending
+    patch = keys - gaussian * num_labels  # [U]
+
+    obs_gaussian, obs_of_key = torch.unique_consecutive(gaussian, return_inverse=True)  # [O], [U]
+    total = torch.zeros(obs_gaussian.numel(), device=device).index_add_(0, obs_of_key, w)  # [O]
+    prob = w / total[obs_of_key]  # [U]
+
+    # Most probable first within each Gaussian: stable sort by prob, then stable sort by Gaussian.
+    order = torch.argsort(prob, descending=True, stable=True)
+    order = order[torch.argsort(obs_of_key[order], stable=True)]
+    obs, patch, prob = obs_of_key[order], patch[order], prob[order]
+    starts = _exclusive_cumsum(torch.bincount(obs, minlength=obs_gaussian.numel()))  # [O]
+    rank = torch.arange(obs.numel(), device=device) - starts[obs]  # [U]
+    keep = (rank < config.topk) & ((prob >= config.min_prob) | (rank == 0)) & (total[obs] >= config.min_weight)
+    seen = total >= config.min_weight  # [O]
+    return ViewTrace(
+        gaussian=obs_gaussian[seen],
+        weight=total[seen],
+        count=torch.bincount(obs[keep], minlength=obs_gaussian.numel())[seen],
+        patch=patch[keep],
+        prob=prob[keep],
+    )
+
+
+@dataclass
+class InstanceTraces:
+    """Sparse per-(Gaussian, view) instance distributions (see the module docstring).
+
+    Observation ``o`` of Gaussian ``g`` is ``offsets[g] <= o < offsets[g + 1]``; its entries are the
+    next ``obs_count[o]`` entries (entries are laid out in observation order).
+    """
+
+    num_gaussians: int
+    num_patches: Tensor  # [L] int64: patch ids of view v lie in [0, num_patches[v])
+    offsets: Tensor  # [N + 1] int64 CSR over observations, sorted by (Gaussian, view)
+    obs_view: Tensor  # [O] uint8 (int16 beyond 256 views)
+    obs_weight: Tensor  # [O] float16 total weight (alpha * T, or pixels in count mode)
+    obs_count: Tensor  # [O] uint8 entries of the observation, >= 1
+    entry_patch: Tensor  # [E] uint8 (int16 / int32 when a view has more patches)
+    entry_prob: Tensor  # [E] uint8 round(prob * 255), descending within an observation
+    config: TraceConfig = field(default_factory=TraceConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_views(
+        cls,
+        views: Iterable[Tuple[int, Contributions, Tensor]],
+        num_gaussians: int,
+        num_views: int,
+        config: Optional[TraceConfig] = None,
+    ) -> "InstanceTraces":
+        """Trace every ``(view index, contributions, patch map [H, W])``."""
+        acc = TraceAccumulator(num_gaussians, num_views, config)
+        for view, contrib, patch_map in views:
+            acc.add_view(view, contrib, patch_map)
+        return acc.build()
+
+    # ---- size and derived indices -------------------------------------------------------------
+    @property
+    def num_views(self) -> int:
+        return self.num_patches.numel()
+
+    @property
+    def num_observations(self) -> int:
+        return self.obs_view.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
+
+    def nbytes(self) -> int:
+        """Bytes held by the store's tensors."""
+        tensors = (self.num_patches, self.offsets, self.obs_view, self.obs_weight, self.obs_count)
+        return sum(t.numel() * t.element_size() for t in tensors + (self.entry_patch, self.entry_prob))
+
+    def obs_gaussian(self) -> Tensor:
+        """Gaussian of every observation. [O] int64"""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_gaussians, device=self.device), counts)
+
+    def entry_start(self) -> Tensor:
+        """Index of the first (most probable) entry of every observation. [O] int64"""
+        return _exclusive_cumsum(self.obs_count.long())
+
+    def entry_obs(self) -> Tensor:
+        """Observation of every entry. [E] int64"""
+        return torch.repeat_interleave(torch.arange(self.num_observations, device=self.device), self.obs_count.long())
+
+    def probs(self) -> Tensor:
+        """Entry probabilities as floats. [E]"""
+        return self.entry_prob.float() / PROB_SCALE
+
+    def max_prob(self) -> Tensor:
+        """max_j W[g, j] of every observation (its first entry). [O] float32"""
+        return self.probs()[self.entry_start()]
+
+    def argmax(self) -> Tensor:
+        """argmax_j W[g, j] of every observation. [O] int64"""
+        return self.entry_patch[self.entry_start()].long()
+
+    def residual_mass(self) -> Tensor:
+        """Probability mass of the dropped patches, 1 - sum of kept probs (>= 0). [O] float32"""
+        kept = torch.zeros(self.num_observations, device=self.device).index_add_(0, self.entry_obs(), self.probs())
+        return (1.0 - kept).clamp(min=0.0)
+
+    # ---- per-view access ----------------------------------------------------------------------
+    def view_observations(self, view: int) -> Tuple[Tensor, Tensor]:
+        """(observation indices [o], their Gaussians [o]) of one view."""
+        obs = torch.nonzero(self.obs_view == view).squeeze(1)
+        return obs, self.obs_gaussian()[obs]
+
+    def weights(self, view: int) -> Tensor:
+        """Total weight of every Gaussian in one view, 0 where unseen. [N] float32"""
+        obs, gaussians = self.view_observations(view)
+        out = torch.zeros(self.num_gaussians, device=self.device)
+        out[gaussians] = self.obs_weight[obs].float()
+        return out
+
+    def visible(self, view: int, min_weight: float = 0.0) -> Tensor:
+        """Gaussians observed in ``view`` with total weight >= ``min_weight``. [N] bool"""
+        obs, gaussians = self.view_observations(view)
+        out = torch.zeros(self.num_gaussians, dtype=torch.bool, device=self.device)
+        out[gaussians] = self.obs_weight[obs].float() >= min_weight
+        return out
+
+    def view_top(self, view: int) -> Tuple[Tensor, Tensor]:
+        """(argmax patch [N] int64, -1 where unseen; its probability [N] float32, 0 where unseen)."""
+        obs, gaussians = self.view_observations(view)
+        patch = torch.full((self.num_gaussians,), -1, dtype=torch.long, device=self.device)
+        prob = torch.zeros(self.num_gaussians, device=self.device)
+        patch[gaussians] = self.argmax()[obs]
+        prob[gaussians] = self.max_prob()[obs]
+        return patch, prob
+
+    def view_dense(self, view: int) -> Tensor:
+        """The kept probabilities of one view as a dense [N, num_patches[view]] matrix (small scenes)."""
+        entry_obs = self.entry_obs()
+        sel = self.obs_view[entry_obs] == view
+        out = torch.zeros(self.num_gaussians, int(self.num_patches[view]), device=self.device)
+        out[self.obs_gaussian()[entry_obs[sel]], self.entry_patch[sel].long()] = self.probs()[sel]
+        return out
+
+    # ---- edits --------------------------------------------------------------------------------
+    def index_select(self, index: Tensor) -> "InstanceTraces":
+        """A store whose Gaussian ``i`` is this store's Gaussian ``index[i]`` (a long index, repeats
+        allowed, e.g. split children inheriting their parent's rows) or the kept Gaussians of a bool
+        mask (pruning). Observations and entries are copied."""
+        if index.dtype == torch.bool:
+            index = torch.nonzero(index).squeeze(1)
+        index = index.to(self.device).long()
+        counts = (self.offsets[1:] - self.offsets[:-1])[index]  # [M]
+        obs = _segment_indices(self.offsets[:-1][index], counts)  # [O']
+        entries = _segment_indices(self.entry_start()[obs], self.obs_count[obs].long())  # [E']
+        return replace(
+            self,
+            num_gaussians=index.numel(),
+            offsets=torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
+            obs_view=self.obs_view[obs],
+            obs_weight=self.obs_weight[obs],
+            obs_count=self.obs_count[obs],
+            entry_patch=self.entry_patch[entries],
+            entry_prob=self.entry_prob[entries],
+        )
+
+    def remap_patches(self, luts: Sequence[Tensor]) -> "InstanceTraces":
+        """Relabel patches per view, ``new = luts[v][old]`` (e.g. merged or global ids), summing the
+        probabilities of patches that map to the same id. ``luts[v]`` is int [num_patches[v]]."""
+        if len(luts) != self.num_views:
+            raise ValueError(f"expected {self.num_views} lookup tables, got {len(luts)}")
+        luts = [lut.to(self.device).long() for lut in luts]
+        flat = torch.cat(luts)  # [sum T_v]
+        base = _exclusive_cumsum(torch.tensor([lut.numel() for lut in luts], device=self.device))  # [L]
+        entry_obs = self.entry_obs()
+        patch = flat[base[self.obs_view[entry_obs].long()] + self.entry_patch.long()]  # [E]
+        span = int(flat.max()) + 1 if flat.numel() else 1
+        keys, inverse = torch.unique(entry_obs * span + patch, return_inverse=True)  # sorted by observation
+        q = torch.zeros(keys.numel(), dtype=torch.long, device=self.device).index_add_(0, inverse, self.entry_prob.long())
+        obs = torch.div(keys, span, rounding_mode="floor")
+        order = torch.argsort(q, descending=True, stable=True)
+        order = order[torch.argsort(obs[order], stable=True)]
+        return replace(
+            self,
+            num_patches=torch.stack([lut.max() + 1 if lut.numel() else lut.new_ones(()) for lut in luts]),
+            obs_count=torch.bincount(obs, minlength=self.num_observations).to(torch.uint8),
+            entry_patch=(keys - obs * span)[order].to(_id_dtype(span - 1)),
+            entry_prob=q[order].clamp(max=int(PROB_SCALE)).to(torch.uint8),
+        )
+
+    def to(self, device: Union[str, torch.device]) -> "InstanceTraces":
+        names = ("num_patches", "offsets", "obs_view", "obs_weight", "obs_count", "entry_patch", "entry_prob")
+        return replace(self, **{n: getattr(self, n).to(device) for n in names})
+
+
+class TraceAccumulator:
+    """Collects :class:`ViewTrace` s view by view, then sorts them into one :class:`InstanceTraces`."""
+
+    def __init__(self, num_gaussians: int, num_views: int, config: Optional[TraceConfig] = None) -> None:
+        self.num_gaussians = num_gaussians
+        self.num_patches = [1] * num_views
+        self.config = config or TraceConfig()
+        self._views: List[Tuple[int, ViewTrace]] = []
+
+    def add_view(self, view: int, contrib: Contributions, patch_map: Tensor) -> ViewTrace:
+        """Trace one view; ``patch_map`` [H, W] must have the contributions' resolution."""
+        if tuple(patch_map.shape) != (contrib.height, contrib.width):
+            raise ValueError(f"patch map {tuple(patch_map.shape)} != render size {(contrib.height, contrib.width)}")
+        flat = patch_map.reshape(-1).to(contrib.pixel_ids.device).long()  # [H*W]
+        num_labels = int(flat.max()) + 1 if flat.numel() else 1
+        trace = trace_view(contrib.gaussian_ids, flat[contrib.pixel_ids], contrib.weights, num_labels, self.config)
+        self.num_patches[view] = num_labels
+        self._views.append((view, trace))
+        return trace
+
+    def build(self) -> InstanceTraces:
+        """Merge the views into the CSR store, observations sorted by (Gaussian, view)."""
+        device = self._views[0][1].gaussian.device if self._views else torch.device("cpu")
+        num_views = len(self.num_patches)
+        if self._views:
+            gaussian = torch.cat([t.gaussian for _, t in self._views])  # [O]
+            view = torch.cat([torch.full_like(t.gaussian, v) for v, t in self._views])  # [O]
+            weight = torch.cat([t.weight for _, t in self._views])
+            count = torch.cat([t.count for _, t in self._views])
+            patch = torch.cat([t.patch for _, t in self._views])  # [E]
+            prob = torch.cat([t.prob for _, t in self._views])
+        else:
+            gaussian = view = count = patch = torch.zeros(0, dtype=torch.long)
+            weight = prob = torch.zeros(0)
+        order = torch.argsort(gaussian * num_views + view)  # [O] keys are unique
+        entries = _segment_indices(_exclusive_cumsum(count)[order], count[order])
+        quantised = torch.round(prob[entries] * PROB_SCALE).clamp(1, PROB_SCALE).to(torch.uint8)
+        return InstanceTraces(
+            num_gaussians=self.num_gaussians,
+            num_patches=torch.tensor(self.num_patches, device=device),
+            offsets=torch.cat([gaussian.new_zeros(1), torch.cumsum(torch.bincount(gaussian, minlength=self.num_gaussians), 0)]),
+            obs_view=view[order].to(_id_dtype(num_views - 1)),
+            obs_weight=weight[order].to(torch.float16),
+            obs_count=count[order].to(torch.uint8),
+            entry_patch=patch[entries].to(_id_dtype(max(self.num_patches) - 1)),
+            entry_prob=quantised,
+            config=self.config,
+        )
+
+
+@torch.no_grad()
+def trace_model(
+    model,
+    cameras,
+    patch_maps: Sequence[Tensor],
+    config: Optional[TraceConfig] = None,
+    views: Optional[Sequence[int]] = None,
+    progress: bool = True,
+) -> InstanceTraces:
+    """Trace a :class:`~trace3d_ns.model.Trace3DModel` through its training views.
+
+    Args:
+        model: the model; its current Gaussians (``activated_gaussians()``) are traced on its device.
+        cameras: nerfstudio ``Cameras`` of the training views, in patch-map order.
+        patch_maps: one int [H, W] patch map per camera (e.g. ``datamanager.train_patch_maps()``).
+        config: what to keep.
+        views: which of the cameras to trace (default all); the store still has one slot per camera.
+        progress: show a progress bar.
+
+    Each view is rendered at its *patch map's* resolution: the camera of
+    ``model.camera_matrices`` (current training resolution) has its intrinsics rescaled by
+    (patch width / render width, patch height / render height), so no patch is dropped or blurred
+    by downscaling the map.
+    """
+    from rich.progress import track
+
+    from trace3d_ns.rendering import contributions
+
+    g = model.activated_gaussians()
+    acc = TraceAccumulator(g["means"].shape[0], len(patch_maps), config)
+    indices = range(len(patch_maps)) if views is None else views
+    for i in track(indices, description="Tracing Gaussian instances", disable=not progress):
+        viewmat, K, width, height = model.camera_matrices(cameras[i : i + 1])
+        patch_map = patch_maps[i].to(model.device)
+        ph, pw = patch_map.shape
+        scale = torch.tensor([pw / width, ph / height, 1.0], device=K.device)[:, None]
+        contrib = contributions(
+            g["means"], g["quats"], g["scales"], g["opacities"], viewmat[0], K[0] * scale, pw, ph,
+            rasterize_mode=model.config.rasterize_mode,
+        )
+        acc.add_view(i, contrib, patch_map)
+    return acc.build()
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def _segment_indices(starts: Tensor, counts: Tensor) -> Tensor:
+    """Concatenated ranges ``starts[i] .. starts[i] + counts[i] - 1``. [sum(counts)] int64"""
+    counts = counts.long()
+    total = int(counts.sum())
+    shift = torch.repeat_interleave(starts.long() - _exclusive_cumsum(counts), counts, output_size=total)
+    return torch.arange(total, device=counts.device) + shift
+
+
+def _id_dtype(max_id: int) -> torch.dtype:
+    """Smallest integer dtype that holds ids 0..max_id."""
+    return torch.uint8 if max_id < 2**8 else torch.int16 if max_id < 2**15 else torch.int32
