@@ -1,0 +1,132 @@
+"""Consistent instance maps on hand-built traces: granularity merges, distinct objects, one-view merges."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trace3d_ns.git.merging import MergeConfig, consistent_instances, constrained_links, render_label_map, union_find
+from trace3d_ns.git.tracing import InstanceTraces, TraceAccumulator
+from trace3d_ns.rendering import Contributions
+
+# Three objects of 20 Gaussians each.
+A, B, C = range(0, 20), range(20, 40), range(40, 60)
+N = 60
+
+
+def _view(groups: list[list[int]]) -> tuple[Contributions, torch.Tensor]:
+    """A synthetic view whose patch k + 1 holds exactly the Gaussians of ``groups[k]`` (weight 1
+    each, one pixel per patch); Gaussians in no group are unseen. Returns contributions and the
+    [1, K + 1] patch map (pixel j is patch j)."""
+    gids = torch.tensor([g for group in groups for g in group])
+    pixels = torch.tensor([k + 1 for k, group in enumerate(groups) for _ in group])
+    contrib = Contributions(gids, pixels, torch.ones(len(gids)), len(groups) + 1, 1)
+    return contrib, torch.arange(len(groups) + 1, dtype=torch.int32)[None]
+
+
+def _run(views: list[list[list[int]]], config: MergeConfig | None = None):
+    acc = TraceAccumulator(N, len(views))
+    maps = []
+    for v, groups in enumerate(views):
+        contrib, patch_map = _view(groups)
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    return consistent_instances(acc.build(), maps, config or MergeConfig(min_traced=3))
+
+
+def _whole() -> list[list[int]]:
+    return [list(A), list(B), list(C)]
+
+
+def test_granularity_disagreement_is_merged_and_ids_are_global():
+    # View 0 splits A in two parts; the other five views see A whole.
+    views = [[list(A)[:10], list(A)[10:], list(B), list(C)]] + [_whole() for _ in range(5)]
+    result = _run(views)
+    lut0 = result.patch_to_global[0]
+    assert lut0[1] == lut0[2] != 0  # the two parts of A are one instance
+    ids = {v: result.patch_to_global[v].tolist() for v in range(6)}
+    for v in range(1, 6):
+        assert ids[v][1] == lut0[1] and ids[v][2] == lut0[3] and ids[v][3] == lut0[4]
+    assert len({int(lut0[1]), int(lut0[3]), int(lut0[4])}) == 3  # A, B, C distinct
+    assert result.stats.num_instances == 3
+    assert torch.equal(result.maps[0], lut0[torch.arange(5)][None].int())
+    # Every Gaussian is labelled with its object's id, with full confidence.
+    expected = torch.tensor([int(lut0[1])] * 20 + [int(lut0[3])] * 20 + [int(lut0[4])] * 20)
+    assert torch.equal(result.gaussian_labels, expected)
+    assert torch.allclose(result.gaussian_confidence, torch.ones(N))
+
+
+def test_distinct_objects_stay_apart():
+    result = _run([_whole() for _ in range(6)])
+    for v in range(6):
+        assert len(set(result.patch_to_global[v][1:].tolist())) == 3
+        assert result.patch_to_global[v].tolist() == result.patch_to_global[0].tolist()
+    assert result.stats.within_view_merges == 0 and result.stats.num_instances == 3
+
+
+def test_neighbours_merged_in_one_view_only_are_not_merged():
+    # View 1 sees B and C as one patch (SAM merged the neighbours); five views separate them.
+    views = [_whole() for _ in range(6)]
+    views[1] = [list(A), list(B) + list(C)]
+    result = _run(views)
+    lut = result.patch_to_global
+    b_id, c_id = int(lut[0][2]), int(lut[0][3])
+    assert b_id != c_id
+    for v in (0, 2, 3, 4, 5):
+        assert int(lut[v][2]) == b_id and int(lut[v][3]) == c_id
+    assert int(lut[1][2]) != int(lut[0][1])  # the merged B+C patch is not A
+    labels = result.gaussian_labels
+    assert torch.all(labels[list(B)] == b_id) and torch.all(labels[list(C)] == c_id)
+
+
+def test_unmasked_patch_zero_is_no_instance():
+    # In view 0 object C is in no mask (patch 0): it must map to 0 and not disturb the others.
+    acc = TraceAccumulator(N, 4)
+    maps = []
+    for v in range(4):
+        contrib, patch_map = _view(_whole())
+        if v == 0:
+            patch_map = torch.tensor([[0, 1, 2, 0]], dtype=torch.int32)
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    result = consistent_instances(acc.build(), maps, MergeConfig(min_traced=3))
+    assert result.maps[0].tolist() == [[0, int(result.patch_to_global[1][1]), int(result.patch_to_global[1][2]), 0]]
+    assert all(int(lut[0]) == 0 for lut in result.patch_to_global)
+    assert result.stats.num_instances == 3
+
+
+def test_pairs_similarity_is_the_paper_mean_over_pairs():
+    # A patch half of whose Gaussians agree with the other's in every view: mean <W, W> = 0.5, not > 0.5.
+    views = [[list(A)[:10], list(A)[10:]]] + [[list(A)[:5] + list(A)[10:15], list(A)[5:10] + list(A)[15:]] for _ in range(4)]
+    for similarity in ("pairs", "views"):
+        result = _run(views, MergeConfig(min_traced=3, similarity=similarity))
+        assert result.patch_to_global[0][1] != result.patch_to_global[0][2]
+        result = _run(views, MergeConfig(min_traced=3, similarity=similarity, merge_threshold=0.45))
+        assert result.patch_to_global[0][1] == result.patch_to_global[0][2]
+
+
+def test_union_find_is_transitive():
+    edges = torch.tensor([[0, 2, 1, 5, 9], [1, 3, 2, 6, 9]])
+    roots = union_find(10, edges)
+    assert roots.tolist() == [0, 0, 0, 0, 4, 5, 5, 7, 8, 9]
+    # A long chain in shuffled order collapses to one component rooted at its smallest node.
+    n = 2000
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    chain = torch.stack([perm[:-1], perm[1:]])
+    assert torch.all(union_find(n, chain) == 0)
+
+
+def test_constrained_links_never_join_two_segments_of_one_view():
+    # Segments 0, 1 are in view 0; 2 in view 1; 3 in view 2. Links 0-2 (strongest), 2-1, 1-3.
+    views = np.zeros((4, 3), dtype=bool)
+    views[[0, 1, 2, 3], [0, 0, 1, 2]] = True
+    accepted = constrained_links(np.array([[0, 2, 1], [2, 1, 3]]), views)
+    assert accepted.T.tolist() == [[0, 2], [1, 3]]  # 2-1 would put segments 0 and 1 together
+
+
+def test_render_label_map_takes_the_heaviest_label():
+    contrib = Contributions(
+        torch.tensor([0, 1, 2, 1, 2]), torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0.5, 0.3, 0.3, 0.2, 0.1]), 3, 1
+    )
+    labels = torch.tensor([4, 7, 7])
+    assert render_label_map(contrib, labels).tolist() == [[7, 7, 0]]  # 0.6 beats 0.5; nothing at pixel 2
