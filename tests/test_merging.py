@@ -97,7 +97,8 @@ def test_unmasked_patch_zero_is_no_instance():
 
 def test_pairs_similarity_is_the_paper_mean_over_pairs():
     # A patch half of whose Gaussians agree with the other's in every view: mean <W, W> = 0.5, not > 0.5.
-    views = [[list(A)[:10], list(A)[10:]]] + [[list(A)[:5] + list(A)[10:15], list(A)[5:10] + list(A)[15:]] for _ in range(4)]
+    mixed = [list(A)[:5] + list(A)[10:15], list(A)[5:10] + list(A)[15:]]
+    views = [[list(A)[:10], list(A)[10:]]] + [mixed for _ in range(4)]
     for similarity in ("pairs", "views"):
         result = _run(views, MergeConfig(min_traced=3, similarity=similarity))
         assert result.patch_to_global[0][1] != result.patch_to_global[0][2]

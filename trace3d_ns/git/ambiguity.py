@@ -39,7 +39,8 @@ def ambiguity_scores(traces: InstanceTraces, config: AmbiguityConfig | None = No
     seen = traces.obs_weight.float() >= config.min_weight  # [O]
     unsure = seen & (traces.max_prob() < config.gamma)  # [O]
     owner = traces.obs_gaussian()  # [O]
-    num_seen = torch.zeros(traces.num_gaussians, dtype=torch.long, device=traces.device).index_add_(0, owner, seen.long())
+    num_seen = torch.zeros(traces.num_gaussians, dtype=torch.long, device=traces.device)
+    num_seen.index_add_(0, owner, seen.long())
     num_unsure = torch.zeros_like(num_seen).index_add_(0, owner, unsure.long())
     return num_unsure.float() / num_seen.clamp(min=1).float(), num_seen
 

@@ -116,7 +116,8 @@ def evaluate_scene(
         )
         for n in names
     ]
-    gt_maps = [torch.from_numpy(np.asarray(Image.open(scene_dir / meta["gt_instances_dir"] / n), dtype=np.int64)) for n in names]
+    gt_dir = scene_dir / meta["gt_instances_dir"]
+    gt_maps = [torch.from_numpy(np.asarray(Image.open(gt_dir / n), dtype=np.int64)) for n in names]
 
     def view_contributions(v: int):
         return contributions(
@@ -181,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--scene", type=Path, required=True, help="a scene written by trace3d-scene --sam-like-masks")
     parser.add_argument("--stride", type=int, default=1, help="surface Gaussians: pixel stride of the disc samples")
     parser.add_argument(
-        "--min-patch-area", type=int, default=8, help="patching: smaller patches (mask-jitter slivers) merge into a neighbour"
+        "--min-patch-area", type=int, default=8,
+        help="patching: smaller patches (mask-jitter slivers) merge into a neighbour",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

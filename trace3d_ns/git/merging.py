@@ -310,7 +310,8 @@ class _Groups:
         usable &= self.n >= cfg.min_seen_fraction * self.traced[:, None]
         u = usable.astype(np.float64)
         if cfg.similarity == "views":
-            mean = np.divide(self.c, self.m[:, self.col_view], out=np.zeros_like(self.c), where=usable[:, self.col_view])
+            where = usable[:, self.col_view]  # [T, c]
+            mean = np.divide(self.c, self.m[:, self.col_view], out=np.zeros_like(self.c), where=where)
             num, den = mean[a] @ mean[b].T, u[a] @ u[b].T
         else:
             masked = self.c * usable[:, self.col_view]
@@ -353,7 +354,8 @@ def _cross_view_links(
     traced = agg @ num_traced  # [S]
     n_row = n[co.row, patch_view[co.col]]  # the row segment's Gaussians seen in the column's view
     enough = (n_row >= config.min_traced) & (n_row >= config.min_seen_fraction * traced[co.row])
-    f = sp.csr_matrix((np.where(enough, co.data / np.maximum(n_row, 1.0), 0.0), (co.row, co.col)), shape=co.shape)
+    frac = np.where(enough, co.data / np.maximum(n_row, 1.0), 0.0)  # f(row -> col)
+    f = sp.csr_matrix((frac, (co.row, co.col)), shape=co.shape)
     mutual = f.minimum(f.T).tocoo()  # min(f(s -> s'), f(s' -> s))
     keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
     order = np.argsort(-mutual.data[keep], kind="stable")

@@ -2,11 +2,12 @@
 
 Every view of the scene (:mod:`trace3d_ns.scene.generate`) is ray cast through its pixel centres;
 each hit becomes a candidate flat disc on the surface, oriented by the face normal (turned towards
-the camera), sized by the pixel footprint ``depth / focal``. Candidates from all views are thinned
-per footprint level: footprints are rounded to a power-of-two multiple of the finest one and only
-one disc per voxel of that size is kept, so a surface seen close up and from afar gets one fine and
-one coarse layer, not one disc per view. Every disc carries the instance id of the mesh it lies
-on (ground = 0), which is what :func:`render_instance_ids` renders back.
+the camera), sized by the pixel footprint ``depth / focal``. Candidates from all views are thinned:
+footprints are rounded to power-of-two multiples of the finest one and, from the finest level up,
+one disc is kept per voxel of its level's size unless a finer disc already lies in that voxel, so
+every surface point gets the finest footprint any view sees it at, not one disc per view. Every
+disc carries the instance id of the mesh it lies on (ground = 0), which is what
+:func:`render_instance_ids` renders back.
 
 Cameras are returned in the rasterizer's convention (OpenCV world-to-camera ``viewmats``, pinhole
 ``Ks``) and reproduce the generator's pixel grid, so rendering ``instance_ids`` gives

@@ -14,8 +14,8 @@ authors' release does by default), for comparison.
 Storage is sparse (:class:`InstanceTraces`): one *observation* per (Gaussian, view) with a
 total weight >= ``min_weight``, holding that total (float16) and its top-k patches (patch id, prob
 quantised to uint8, prob >= ``min_prob``; the top-1 is always kept). View and patch ids use the
-smallest integer type that holds them (uint8 up to 256 views / patches per view). The mass of the dropped
-patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
+smallest integer type that holds them (uint8 up to 256 views / patches per view). The mass of the
+dropped patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
 form, entries by (observation, descending prob). Memory grows with the number of observations
 (about one entry each: most Gaussians lie inside one patch), never with Gaussians x patches x views.
 """
@@ -249,7 +249,8 @@ class InstanceTraces:
         patch = flat[base[self.obs_view[entry_obs].long()] + self.entry_patch.long()]  # [E]
         span = int(flat.max()) + 1 if flat.numel() else 1
         keys, inverse = torch.unique(entry_obs * span + patch, return_inverse=True)  # sorted by observation
-        q = torch.zeros(keys.numel(), dtype=torch.long, device=self.device).index_add_(0, inverse, self.entry_prob.long())
+        q = torch.zeros(keys.numel(), dtype=torch.long, device=self.device)
+        q.index_add_(0, inverse, self.entry_prob.long())
         obs = torch.div(keys, span, rounding_mode="floor")
         order = torch.argsort(q, descending=True, stable=True)
         order = order[torch.argsort(obs[order], stable=True)]
@@ -303,10 +304,11 @@ class TraceAccumulator:
         order = torch.argsort(gaussian * num_views + view)  # [O] keys are unique
         entries = _segment_indices(_exclusive_cumsum(count)[order], count[order])
         quantised = torch.round(prob[entries] * PROB_SCALE).clamp(1, PROB_SCALE).to(torch.uint8)
+        per_gaussian = torch.bincount(gaussian, minlength=self.num_gaussians)  # [N]
         return InstanceTraces(
             num_gaussians=self.num_gaussians,
             num_patches=torch.tensor(self.num_patches, device=device),
-            offsets=torch.cat([gaussian.new_zeros(1), torch.cumsum(torch.bincount(gaussian, minlength=self.num_gaussians), 0)]),
+            offsets=torch.cat([gaussian.new_zeros(1), torch.cumsum(per_gaussian, 0)]),
             obs_view=view[order].to(_id_dtype(num_views - 1)),
             obs_weight=weight[order].to(torch.float16),
             obs_count=count[order].to(torch.uint8),
