@@ -159,3 +159,32 @@ def test_surface_fixture_reproduces_gt_instances():
     view = render_view(layout_scene(spec, cams), cams, 1, supersample=1)
     assert torch.equal(fixture.gt_instances[1], torch.from_numpy(view.instances.astype("int64")))
     assert set(fixture.instance_ids.unique().tolist()) == {0, 1, 2, 3, 4}
+
+
+class _FakeModel:
+    """The two methods of Trace3DModel that trace_model uses, rendering at half resolution."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.device = torch.device("cpu")
+        self.config = type("Config", (), {"rasterize_mode": "classic"})()
+
+    def activated_gaussians(self):
+        s = self.scene
+        return {"means": s.means, "quats": s.quats, "scales": s.scales, "opacities": s.opacities}
+
+    def camera_matrices(self, view: list[int]):
+        s, v = self.scene, view[0]
+        half = torch.diag(torch.tensor([0.5, 0.5, 1.0]))
+        return s.viewmats[v][None], (half @ s.Ks[v])[None], s.width // 2, s.height // 2
+
+
+def test_trace_model_renders_at_patch_map_resolution(scene, traced):
+    from trace3d_ns.git.tracing import trace_model
+
+    patch_maps = [patch for _, _, patch in traced]
+    store = trace_model(_FakeModel(scene), list(range(4)), patch_maps, progress=False)
+    direct = InstanceTraces.from_views(traced, scene.num_gaussians, 4)
+    for v in range(4):
+        assert torch.allclose(store.view_dense(v), direct.view_dense(v))
+        assert torch.equal(store.weights(v), direct.weights(v))
