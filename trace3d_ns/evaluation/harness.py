@@ -1,0 +1,271 @@
+"""trace3d-eval's protocol: point prompts on a training view, selections scored on the test views.
+
+Definitions (all pixels are at the camera's full resolution; masks are boolean [H, W]):
+
+- **Reference view** of a GT mask: the training view where the mask has the largest clearance
+  (the radius of its largest inscribed disc, see `clearance`), ties broken by the larger area, then
+  the lower index. ``reference_view`` overrides it with one training index for every prompt.
+- **Prompt point(s)**: the first point is the mask pixel farthest from the mask boundary (Euclidean
+  distance transform; the image border counts as boundary). Further points, when asked for, are
+  chosen greedily by the largest min(clearance, distance to the points already chosen), which
+  spreads them over the mask while keeping them inside. Objects get 1 point; foreground-only ground
+  truth gets ``points`` points (default 3) and the union of their selections.
+- **Selection**: ``selection.select_from_point`` at each point on the reference view (union). A
+  point where nothing is rendered selects nothing (the reason is recorded).
+- **Predicted silhouette** on a test view: ``render_subset_alpha(selection) > 0.5``. It is the
+  selection rendered alone, so occluders are absent (amodal), while the GT masks are the visible
+  (modal) parts.
+- **Object extraction (a)**: per object and test view where the object is visible in the GT,
+  silhouette IoU with the GT mask, and PSNR inside the GT mask's box padded by 10 px between
+  (pred) the selected Gaussians' RGB rendered alone over black (colour composited over a black
+  background: the premultiplied render) and (GT) the test image with every pixel outside the GT mask
+  set to black. Per object: means over those views; then means over the objects. (A perfect,
+  infinite PSNR would be recorded as null and left out of the means.)
+- **Novel-view 2D segmentation (b)**: the same per-view predicted silhouettes; mIoU = mean over GT
+  objects of the object's mean IoU over the test views where it is visible. (It therefore equals
+  (a)'s mean IoU; an object that cannot be prompted scores 0.)
+- **Foreground (c)**: prediction = silhouette of the union selection; NVOS mIoU = TP/(TP+FP+FN) and
+  mAcc = (TP+TN)/pixels per test view, averaged over the test views. With instance ground truth the
+  foreground is every object (id > 0) and the selection is the union of the objects' selections.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from trace3d_ns.evaluation.ground_truth import View
+from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
+from trace3d_ns.rendering import rasterize
+from trace3d_ns.selection import SelectionMode, full_resolution_matrices, render_subset_alpha, select_from_point
+
+SILHOUETTE_THRESHOLD = 0.5
+"""A pixel belongs to the predicted silhouette when the selection's accumulated alpha exceeds this."""
+BOX_PAD = 10
+"""Pixels added on every side of the GT box for the object PSNR."""
+BACKGROUND = 0.0
+"""Background colour (black) of the object renderings and the masked GT images in the PSNR."""
+
+
+class EvaluationError(Exception):
+    """The evaluation cannot run as asked; the message is one line for the user."""
+
+
+@dataclass
+class Prompt:
+    """A prompt pixel (x = column, y = row) and its distance to the mask boundary in pixels."""
+
+    x: int
+    y: int
+    clearance: float
+
+
+@dataclass
+class Settings:
+    """How selections are made."""
+
+    mode: SelectionMode = "auto"
+    threshold: float = 0.5
+    reference_view: Optional[int] = None
+    """Training-view index used for every prompt; None picks one per mask (largest clearance)."""
+    points: int = 3
+    """Prompt points for foreground-only ground truth."""
+
+
+@dataclass
+class Selected:
+    """A selection made from prompts on a reference view."""
+
+    reference: Optional[int]
+    prompts: List[Prompt]
+    mask: Tensor  # [N] bool
+    notes: List[str] = field(default_factory=list)
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+def clearance(mask: np.ndarray) -> np.ndarray:
+    """Distance of each mask pixel to the nearest pixel outside the mask or the image. [H, W] float"""
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)  # the border counts as outside
+    return ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+
+
+def prompt_points(mask: np.ndarray, count: int = 1) -> List[Prompt]:
+    """Up to `count` prompt pixels inside `mask` [H, W]: the deepest pixel first, then greedily the
+    pixel maximising min(clearance, distance to the chosen points). Empty for an empty mask."""
+    depth = clearance(mask)  # [H, W]
+    score = depth.copy()
+    rows, cols = np.indices(depth.shape)  # [H, W] each
+    prompts: List[Prompt] = []
+    for _ in range(count):
+        flat = int(np.argmax(score))
+        if score.flat[flat] <= 0:
+            break
+        y, x = divmod(flat, depth.shape[1])
+        prompts.append(Prompt(x=x, y=y, clearance=float(depth[y, x])))
+        score = np.minimum(score, np.hypot(rows - y, cols - x))
+    return prompts
+
+
+def reference_view(masks: Sequence[np.ndarray]) -> Optional[int]:
+    """Index of the mask with the largest clearance (ties: larger area, then lower index), None if all are empty."""
+    best, best_key = None, (0.0, 0)
+    for i, mask in enumerate(masks):
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        key = (float(clearance(mask).max()), area)
+        if key > best_key:
+            best, best_key = i, key
+    return best
+
+
+# ---- selection and rendering --------------------------------------------------------------------
+def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance"]:
+    """The selection mode `auto` stands for on this model; raises if the model cannot do `mode`."""
+    has_labels = model.instance_labels.numel() == model.num_points and model.num_points > 0
+    resolved = ("feature" if model.has_features else "instance") if mode == "auto" else mode
+    if resolved == "feature" and not model.has_features:
+        raise EvaluationError("--mode feature needs a model with a feature field (feature_dim > 0)")
+    if resolved == "instance" and not has_labels:
+        raise EvaluationError("--mode instance needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)")
+    return resolved
+
+
+def select(model, train: Sequence[View], reference: Optional[int], masks: Sequence[np.ndarray], count: int, settings: Settings) -> Selected:
+    """Union of the selections from `count` prompt points in `masks[reference]` on training view `reference`."""
+    empty = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
+    if reference is None:
+        return Selected(None, [], empty, ["no training view shows it"])
+    prompts = prompt_points(masks[reference], count)
+    chosen = Selected(reference, prompts, empty, [] if prompts else [f"not visible in reference view {train[reference].name}"])
+    for p in prompts:
+        try:
+            picked = select_from_point(model, train[reference].camera, (p.x, p.y), settings.mode, settings.threshold)
+        except ValueError as err:  # e.g. nothing is rendered at the prompt pixel
+            chosen.notes.append(str(err))
+            continue
+        chosen.mask = chosen.mask | picked
+    return chosen
+
+
+@torch.no_grad()
+def render_subset_rgb(model, camera, mask: Tensor) -> Tensor:
+    """Colour of the selected Gaussians rendered alone over black, full resolution, as the model
+    shades them (same SH degree and rasterize mode). [H, W, 3]"""
+    viewmat, K, W, H = full_resolution_matrices(model, camera)
+    if not mask.any():
+        return torch.zeros(H, W, 3, device=model.device)
+    g = model.activated_gaussians(mask)
+    cfg = model.config
+    if cfg.sh_degree > 0:
+        colors, sh_degree = g["sh"], min(model.step // cfg.sh_degree_interval, cfg.sh_degree)
+    else:
+        colors, sh_degree = torch.sigmoid(g["sh"]).squeeze(1), None  # [n, 3]
+    render, _, _ = rasterize(
+        g["means"], g["quats"], g["scales"], g["opacities"], colors, viewmat, K, W, H,
+        sh_degree=sh_degree, rasterize_mode=cfg.rasterize_mode,
+    )
+    return render[0, ..., :3].clamp(0.0, 1.0)
+
+
+def silhouette(model, camera, mask: Tensor) -> np.ndarray:
+    """Predicted silhouette of a selection: its accumulated alpha > 0.5. [H, W] bool"""
+    return (render_subset_alpha(model, camera, mask) > SILHOUETTE_THRESHOLD).cpu().numpy()
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> Optional[float]:
+    """Mean of finite values (None if there are none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _selection_record(sel: Selected, train: Sequence[View]) -> Dict:
+    return {
+        "reference_view": None if sel.reference is None else train[sel.reference].name,
+        "prompts": [{"x": p.x, "y": p.y, "clearance_px": round(p.clearance, 2)} for p in sel.prompts],
+        "num_selected": int(sel.mask.sum()),
+        "notes": sel.notes,
+    }
+
+
+def evaluate_object(model, sel: Selected, object_id: int, test: Sequence[View]) -> Dict[str, Dict[str, float]]:
+    """Silhouette IoU and padded-box PSNR of one selection on each test view showing `object_id`."""
+    per_view = {}
+    for view in test:
+        gt = view.gt == object_id  # [H, W]
+        if not gt.any():
+            continue
+        pred = silhouette(model, view.camera, sel.mask)
+        rgb = render_subset_rgb(model, view.camera, sel.mask)
+        psnr = box_psnr(rgb, view.image, gt, pad=BOX_PAD, background=BACKGROUND)
+        per_view[view.name] = {"iou": mask_iou(pred, gt), "psnr": psnr if math.isfinite(psnr) else None}
+    return per_view
+
+
+def evaluate_foreground(model, selection: Tensor, test: Sequence[View]) -> Dict:
+    """NVOS mIoU / mAcc of the selection's silhouettes against GT foreground (label > 0)."""
+    preds = [silhouette(model, v.camera, selection) for v in test]
+    scores = nvos_metrics(preds, [v.gt > 0 for v in test])
+    return {
+        "miou": scores["miou"],
+        "macc": scores["macc"],
+        "per_view": {v.name: {"iou": float(i), "acc": float(a)} for v, i, a in zip(test, scores["iou"], scores["acc"])},
+    }
+
+
+def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bool, settings: Settings) -> Dict:
+    """All metrics of one model on its test views. See the module docstring for the definitions.
+
+    Args:
+        model: A Trace3DModel (eval mode).
+        train: Training views with GT (prompts are placed on them).
+        test: Test views with GT and images.
+        has_objects: True for instance-id GT (objects and foreground), False for foreground-only GT.
+    """
+    if settings.reference_view is not None and not 0 <= settings.reference_view < len(train):
+        raise EvaluationError(f"--reference-view {settings.reference_view} is not a training view index (0..{len(train) - 1})")
+    resolved = resolve_mode(model, settings.mode)
+    settings = Settings(resolved, settings.threshold, settings.reference_view, settings.points)
+
+    def ref(masks: Sequence[np.ndarray]) -> Optional[int]:
+        return settings.reference_view if settings.reference_view is not None else reference_view(masks)
+
+    result: Dict = {"mode": resolved, "threshold": settings.threshold, "num_gaussians": model.num_points}
+    result["test_views"] = [v.name for v in test]
+    if has_objects:
+        ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0})
+        union = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
+        objects = {}
+        for object_id in ids:
+            masks = [v.gt == object_id for v in train]
+            sel = select(model, train, ref(masks), masks, 1, settings)
+            union |= sel.mask
+            per_view = evaluate_object(model, sel, object_id, test)
+            objects[str(object_id)] = {
+                **_selection_record(sel, train),
+                "views": per_view,
+                "iou": _mean([s["iou"] for s in per_view.values()]),
+                "psnr": _mean([s["psnr"] for s in per_view.values()]),
+            }
+        scored = [o for o in objects.values() if o["views"]]
+        result["objects"] = objects
+        result["object_extraction"] = {
+            "num_objects": len(scored),
+            "mean_iou": _mean([o["iou"] for o in scored]),
+            "mean_psnr": _mean([o["psnr"] for o in scored]),
+            "not_in_test_views": [k for k, o in objects.items() if not o["views"]],
+        }
+        result["novel_view_segmentation"] = {"miou": result["object_extraction"]["mean_iou"], "num_objects": len(scored)}
+        result["foreground"] = {"selection": "union of the object selections", **evaluate_foreground(model, union, test)}
+    else:
+        masks = [v.gt > 0 for v in train]
+        sel = select(model, train, ref(masks), masks, settings.points, settings)
+        result["foreground"] = {**_selection_record(sel, train), **evaluate_foreground(model, sel.mask, test)}
+    return result
