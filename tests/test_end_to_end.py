@@ -20,12 +20,16 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     scene = root / "scene"
-    _run(BIN / "trace3d-scene", "--out", scene, "--views", "10", "--size", "48", "--objects", "3", "--points", "1500", cwd=root)
+    _run(
+        BIN / "trace3d-scene", "--out", scene, "--views", "10", "--size", "48", "--objects", "3", "--points", "1500",
+        "--sam-like-masks", cwd=root,
+    )
     _run(
         BIN / "ns-train", "trace3d", "--data", scene, "--output-dir", root / "outputs", "--experiment-name", "e2e",
         "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
         "--max-num-iterations", "40", "--steps-per-save", "40", "--pipeline.model.num-downscales", "0",
-        "--pipeline.datamanager.mask-source", "superpixel", cwd=root,
+        "--pipeline.git-step", "30", "--pipeline.model.feature-start-step", "30",
+        "--pipeline.datamanager.mask-source", "folder", "--pipeline.datamanager.folder.directory", "sam_masks", cwd=root,
     )
     return root, root / "outputs" / "e2e" / "trace3d" / "run"
 
@@ -36,8 +40,21 @@ def test_ns_train_writes_a_checkpoint_and_patches(trained):
     ckpts = sorted((run / "nerfstudio_models").glob("step-*.ckpt"))
     assert ckpts and ckpts[-1].name == "step-000000039.ckpt"
     assert (run / "config.yml").is_file()
-    cache = list((root / "scene" / ".trace3d_cache").glob("patches-*.npz"))  # superpixel patches were computed
-    assert len(cache) == 1
+    cache = root / "scene" / ".trace3d_cache"
+    assert len(list(cache.glob("patches-*.npz"))) == 1  # patch maps from the folder masks
+    assert len(list(cache.glob("consistent-*.npz"))) == 1  # consistent maps from GIT at step 30
+
+
+@pytest.mark.slow
+def test_checkpoint_carries_instance_labels_and_features(trained):
+    import torch
+
+    _, run = trained
+    state = torch.load(sorted((run / "nerfstudio_models").glob("*.ckpt"))[-1], weights_only=True)["pipeline"]
+    n = state["_model.gauss_params.means"].shape[0]
+    assert state["_model.gauss_params.features"].shape == (n, 16)
+    labels = state["_model.instance_labels"]
+    assert labels.shape == (n,) and (labels > 0).any()  # labels followed densification to the end
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 from trace3d_ns.data.datamanager import Trace3DDataManagerConfig
 from trace3d_ns.model import Trace3DModelConfig
+from trace3d_ns.pipeline import Trace3DPipelineConfig
 from trace3d_ns.schedulers import FloatExponentialDecaySchedulerConfig
 
 MAX_STEPS = 30000
@@ -38,7 +38,7 @@ def trace3d_trainer_config() -> TrainerConfig:
         steps_per_eval_all_images=1000,
         max_num_iterations=MAX_STEPS,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=Trace3DPipelineConfig(
             datamanager=Trace3DDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",

@@ -93,6 +93,8 @@ class Trace3DModel(SplatfactoModel):
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.feature_pca = FeaturePCA()
         self.register_buffer("instance_labels", torch.zeros(0, dtype=torch.long), persistent=True)
+        self.register_buffer("instance_confidence", torch.zeros(0), persistent=True)
+        self.instance_traces = None  # the latest InstanceTraces (not checkpointed), for density control
 
     def _initial_gaussians(self) -> Dict[str, Parameter]:
         """Gaussians at the seed points (coloured) or uniformly random in a cube, on the CPU."""
@@ -151,12 +153,36 @@ class Trace3DModel(SplatfactoModel):
     def has_features(self) -> bool:
         return "features" in self.gauss_params
 
+    PER_GAUSSIAN_BUFFERS = ("instance_labels", "instance_confidence")
+
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
         # splatfacto resizes gauss_params (features included) to the checkpoint; per-Gaussian buffers too
-        labels = state_dict.get("instance_labels")
-        shape = labels.shape if labels is not None else (0,)
-        self.instance_labels = torch.zeros(shape, dtype=torch.long, device=self.device)
+        for name in self.PER_GAUSSIAN_BUFFERS:
+            saved = state_dict.get(name)
+            like = getattr(self, name)
+            setattr(self, name, torch.zeros(saved.shape if saved is not None else (0,), dtype=like.dtype, device=self.device))
         return super().load_state_dict(state_dict, **kwargs)
+
+    # ---- instances ----------------------------------------------------------------------------
+    def set_instances(self, labels: Tensor, confidence: Tensor, traces=None) -> None:
+        """Per-Gaussian instance labels [N] (0 = none) and confidences [N] from Gaussian Instance Tracing."""
+        if labels.shape != (self.num_points,) or confidence.shape != (self.num_points,):
+            raise ValueError(f"expected [{self.num_points}] labels and confidences, got {tuple(labels.shape)}")
+        self.instance_labels = labels.to(self.device, torch.long)
+        self.instance_confidence = confidence.to(self.device, torch.float32)
+        self.instance_traces = traces
+
+    def step_post_backward(self, step: int) -> None:
+        # gsplat's strategy ops carry every [N, ...] tensor of the strategy state through
+        # duplicate / split / prune: let the per-Gaussian instance buffers ride along.
+        carried = [n for n in self.PER_GAUSSIAN_BUFFERS if getattr(self, n).shape[:1] == (self.num_points,)]
+        for name in carried:
+            self.strategy_state[name] = getattr(self, name)
+        super().step_post_backward(step)
+        for name in carried:
+            setattr(self, name, self.strategy_state.pop(name))
+        if carried and self.instance_traces is not None and self.instance_traces.num_gaussians != self.num_points:
+            self.instance_traces = None  # stale: density control re-traces
 
     # ---- rendering ----------------------------------------------------------------------------
     def activated_gaussians(self, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:

@@ -165,6 +165,16 @@ class Trace3DDataManager(FullImageDatamanager):
             )
         return [cache["patches"] for cache in self.cached_train]
 
+    def set_train_instance_maps(self, maps: Sequence[torch.Tensor]) -> None:
+        """From now on every training batch also carries ``data["instances"]``: the image's consistent
+        instance map (int32 [H, W], same layout as ``patches``, global ids, 0 = none)."""
+        if len(maps) != len(self.cached_train):
+            raise ValueError(f"expected {len(self.cached_train)} instance maps, got {len(maps)}")
+        for cache, instance_map in zip(self.cached_train, maps):
+            if tuple(instance_map.shape) != tuple(cache["patches"].shape):
+                raise ValueError(f"instance map of shape {tuple(instance_map.shape)} for patches {tuple(cache['patches'].shape)}")
+            cache["instances"] = instance_map.detach().to("cpu", torch.int32)
+
     def train_image_stamps(self) -> List[str]:
         """One content stamp per training image (hash of the file bytes), in training order."""
         if self._image_stamps is None:

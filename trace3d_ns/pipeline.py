@@ -1,0 +1,87 @@
+"""Trace3DPipeline: the training pipeline plus the Gaussian Instance Tracing stage.
+
+GIT needs both the model (its Gaussians) and the datamanager (training cameras and patch maps),
+so it lives here. At `git_step` (after the RGB warm-up) it traces every training view, builds
+consistent instance maps, labels the Gaussians, stores the maps in the mask cache, and from then
+on the training batches carry them as `instances` (the contrastive loss prefers them to raw
+patches). `run_instance_tracing()` also works on a loaded, trained pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Type
+
+import torch
+
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+from trace3d_ns.git.merging import MergeConfig
+from trace3d_ns.git.tracing import TraceConfig
+
+CONSISTENT_KIND = "consistent"
+"""Mask-cache kind of the consistent instance maps."""
+
+
+@dataclass
+class Trace3DPipelineConfig(VanillaPipelineConfig):
+    """VanillaPipeline with the Gaussian Instance Tracing stage."""
+
+    _target: Type = field(default_factory=lambda: Trace3DPipeline)
+    git_step: int = 1000
+    """Training step after which Gaussian Instance Tracing runs (after the RGB warm-up); -1 disables it."""
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    """How contributions become per-Gaussian instance distributions."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """How patches merge into consistent instances."""
+
+
+class Trace3DPipeline(VanillaPipeline):
+    """Adds `run_instance_tracing` and the training callback that calls it at `git_step`."""
+
+    config: Trace3DPipelineConfig
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        if self.config.git_step >= 0:
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._trace_at_step, iters=(self.config.git_step,)
+                )
+            )
+        return callbacks
+
+    def _trace_at_step(self, step: int) -> None:
+        self.run_instance_tracing(step=step)
+
+    @torch.no_grad()
+    def run_instance_tracing(self, step: Optional[int] = None):
+        """Traces all training views, labels the Gaussians and installs consistent training maps.
+
+        Returns the `ConsistentInstances` (maps, Gaussian labels and confidences, merge statistics).
+        """
+        from trace3d_ns.git.merging import consistent_instances
+        from trace3d_ns.git.tracing import trace_model
+
+        dm = self.datamanager
+        patch_maps = dm.train_patch_maps()
+        if not patch_maps:
+            raise RuntimeError(
+                "No patch maps: Gaussian Instance Tracing needs the datamanager set up for training "
+                "(test_mode='val'), which computes or loads the masks."
+            )
+        model = self.model
+        traces = trace_model(model, dm.train_dataset.cameras, patch_maps, self.config.trace)
+        result = consistent_instances(traces, patch_maps, self.config.merge)
+        model.set_instances(result.gaussian_labels, result.gaussian_confidence, traces)
+        dm.set_train_instance_maps(result.maps)
+        settings = {"step": step, "num_gaussians": model.num_points, "trace": asdict(self.config.trace), "merge": asdict(self.config.merge)}
+        dm.save_train_maps(CONSISTENT_KIND, result.maps, settings)
+        s = result.stats
+        CONSOLE.log(
+            f"Gaussian Instance Tracing: {s.num_patches} patches -> {s.num_instances} instances "
+            f"({s.within_view_merges} merges within views, {s.cross_view_links} links across views); "
+            f"{int((result.gaussian_labels > 0).sum())}/{model.num_points} Gaussians labelled"
+        )
+        return result
