@@ -27,7 +27,18 @@ def _export(args: argparse.Namespace) -> Dict:
     return run_export_benchmark()
 
 
-BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {"raster": _raster, "masks": _masks, "export": _export}
+def _trace(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.trace import run_trace_benchmark
+
+    return run_trace_benchmark(repeats=args.repeats)
+
+
+BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
+    "raster": _raster,
+    "masks": _masks,
+    "export": _export,
+    "trace": _trace,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
