@@ -2,11 +2,12 @@
 of the sparse store against the dense N x T x L float32 weight matrix of the paper.
 
 Scene: the perfect-geometry surface Gaussians of a generated demo scene
-(:mod:`trace3d_ns.git.surface_gaussians`; 100 views at 256 px with stride 2 give about 200k
-Gaussians). Patch maps: each view's ground-truth instance map cut by a fixed 8 x 8 image grid, so
-every view has about ``grid**2`` patches or more and far more patch boundaries than SAM's patches
-give (a pessimistic case for the sparse store: boundary Gaussians need two entries). The dense
-baseline is sized with ``dense_patches`` (64) patches per view.
+(:mod:`trace3d_ns.git.surface_gaussians`; 100 views at 256 px with stride 2 give about 170k
+Gaussians). Patch maps: each view's ground-truth instance map cut by a fixed 7 x 7 image grid, so
+every view has about 70 patches (``grid**2`` cells, more where instances cut them) and far more
+patch boundaries than SAM's patches give (a pessimistic case for the sparse store: boundary
+Gaussians need two entries). The dense baseline is sized with ``dense_patches`` (64) patches per
+view, less than the views actually have.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run_trace_benchmark(
     num_views: int = 100,
     image_size: int = 256,
     stride: int = 2,
-    grid: int = 8,
+    grid: int = 7,
     dense_patches: int = 64,
     sh_degree: int = 3,
     repeats: int = 3,

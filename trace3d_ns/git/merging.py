@@ -33,8 +33,9 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no instance") and
   never merges or links.
 - **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
-  kept patch in each view where the Gaussian is seen; its confidence is the winning share of the
-  votes (0 for Gaussians seen nowhere).
+  kept patch in each view where the Gaussian is seen. Patch 0 says "no mask here", not "no
+  instance": a Gaussian is labelled 0 only when no view puts it in a mask. Its confidence is the
+  winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere).
 
 The sparse products run on the CPU with scipy; the results come back on the store's device.
 """
@@ -162,9 +163,10 @@ def consistent_instances(
 
 
 @torch.no_grad()
-def render_label_map(contrib: Contributions, gaussian_labels: Tensor) -> Tensor:
+def render_label_map(contrib: Contributions, gaussian_labels: Tensor, min_alpha: float = 0.5) -> Tensor:
     """Per-pixel instance id [H, W] int32 of one view from per-Gaussian labels: the label with the
-    largest summed alpha * T among the pixel's contributions (0 where nothing is drawn).
+    largest summed alpha * T among the pixel's contributions; 0 where the pixel's accumulated alpha
+    is below ``min_alpha`` (nothing solid is drawn there).
 
     Rendering the 3D labels splits what a view's patches under-segment (two objects SAM merged in
     that view carry different labels in 3D) and fills what they miss; the merged-patch maps of
@@ -178,8 +180,11 @@ def render_label_map(contrib: Contributions, gaussian_labels: Tensor) -> Tensor:
     order = order[torch.argsort(pixel[order], stable=True)]  # per pixel, most votes first
     first = torch.ones_like(order, dtype=torch.bool)
     first[1:] = pixel[order][1:] != pixel[order][:-1]
-    out = torch.zeros(contrib.height * contrib.width, dtype=torch.int32, device=keys.device)
+    num_pixels = contrib.height * contrib.width
+    alpha = torch.zeros(num_pixels, device=keys.device).index_add_(0, contrib.pixel_ids, contrib.weights)  # [H*W]
+    out = torch.zeros(num_pixels, dtype=torch.int32, device=keys.device)
     out[pixel[order][first]] = (keys - pixel * num_labels)[order][first].int()
+    out[alpha < min_alpha] = 0
     return out.reshape(contrib.height, contrib.width)
 
 
@@ -358,7 +363,9 @@ def _cross_view_links(
     f = sp.csr_matrix((frac, (co.row, co.col)), shape=co.shape)
     mutual = f.minimum(f.T).tocoo()  # min(f(s -> s'), f(s' -> s))
     keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
-    order = np.argsort(-mutual.data[keep], kind="stable")
+    shared = sp.csr_matrix((co.data, (co.row, co.col)), shape=co.shape)
+    evidence = np.asarray(shared.minimum(shared.T)[mutual.row[keep], mutual.col[keep]]).ravel()  # Gaussians
+    order = np.lexsort((-mutual.data[keep], -evidence))  # most shared Gaussians first
     candidates = np.stack([mutual.row[keep][order], mutual.col[keep][order]])  # [2, c] strongest first
     views = np.zeros((num_nodes, len(n[0]) if len(n) else 0), dtype=bool)  # [S, L] views of each component
     views[segment[real], patch_view[real]] = True
@@ -412,7 +419,7 @@ def _gaussian_votes(t: _TraceArrays, global_id: np.ndarray, config: MergeConfig)
     votes = np.bincount(inverse.ravel(), weights=t.entry_prob[keep], minlength=len(keys))  # [u]
     owner, label = keys // span, keys % span
     total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
-    order = np.lexsort((-votes, owner))  # per Gaussian, most votes first
+    order = np.lexsort((-votes, label == 0, owner))  # per Gaussian: instance ids first, most votes first
     first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
     labels = np.zeros(t.num_gaussians, dtype=np.int64)
     best = np.zeros(t.num_gaussians)

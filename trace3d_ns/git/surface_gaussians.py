@@ -37,7 +37,7 @@ class SurfaceGaussiansConfig:
 
     stride: int = 1
     """Candidate discs are taken at every ``stride``-th pixel centre of every view (in x and y)."""
-    radius_factor: float = 0.6
+    radius_factor: float = 0.45
     """Disc standard deviation in units of its voxel size (the thinned spacing)."""
     thickness: float = 0.02
     """Standard deviation along the normal, relative to the disc's in-plane one."""
