@@ -130,4 +130,5 @@ def test_render_label_map_takes_the_heaviest_label():
         torch.tensor([0, 1, 2, 1, 2]), torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0.5, 0.3, 0.3, 0.2, 0.1]), 3, 1
     )
     labels = torch.tensor([4, 7, 7])
-    assert render_label_map(contrib, labels).tolist() == [[7, 7, 0]]  # 0.6 beats 0.5; nothing at pixel 2
+    assert render_label_map(contrib, labels, min_alpha=0.0).tolist() == [[7, 7, 0]]  # 0.6 beats 0.5; pixel 2 empty
+    assert render_label_map(contrib, labels).tolist() == [[7, 0, 0]]  # pixel 1 is too faint (alpha 0.3 < 0.5)
