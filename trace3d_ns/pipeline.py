@@ -10,6 +10,7 @@ patches). `run_instance_tracing()` also works on a loaded, trained pipeline.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import List, Optional, Type
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
+from trace3d_ns.git.density import GitDensityControl, save_history
 from trace3d_ns.git.merging import MergeConfig
 from trace3d_ns.git.tracing import TraceConfig
 
@@ -35,6 +37,9 @@ class Trace3DPipelineConfig(VanillaPipelineConfig):
     """How contributions become per-Gaussian instance distributions."""
     merge: MergeConfig = field(default_factory=MergeConfig)
     """How patches merge into consistent instances."""
+    density: GitDensityControl = field(default_factory=GitDensityControl)
+    """GIT-guided density control cycles (after splatfacto's densification): split ambiguous Gaussians,
+    prune those splitting left ambiguous; statistics go to density_control.json in the run folder."""
 
 
 class Trace3DPipeline(VanillaPipeline):
@@ -50,7 +55,28 @@ class Trace3DPipeline(VanillaPipeline):
                     [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._trace_at_step, iters=(self.config.git_step,)
                 )
             )
+        density_steps = self.config.density.schedule(self.model.config.stop_split_at)
+        if density_steps:
+            self.density_state = self.config.density.initialize_state(self.model.device)
+            trainer = training_callback_attributes.trainer
+            log = None if trainer is None else trainer.base_dir / "density_control.json"
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._density_cycle, iters=tuple(density_steps),
+                    kwargs={"log": log},
+                )
+            )
         return callbacks
+
+    def _density_cycle(self, step: int, log: Optional[Path]) -> None:
+        s = self.config.density.run_cycle(self, self.density_state, step)
+        CONSOLE.log(
+            f"Density control cycle {s.cycle}: {s.num_ambiguous}/{s.num_seen} seen Gaussians ambiguous, "
+            f"{s.num_ambiguous_children}/{s.num_children} children still ambiguous, {s.num_pruned} pruned, "
+            f"{s.num_split} split: {s.num_before} -> {s.num_after} Gaussians"
+        )
+        if log is not None:
+            save_history(self.density_state, log)
 
     def _trace_at_step(self, step: int) -> None:
         self.run_instance_tracing(step=step)
