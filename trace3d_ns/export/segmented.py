@@ -42,13 +42,15 @@ Instances = Union[Literal["all"], Sequence[int]]
 
 
 def instance_labels_from_model(model: object) -> Optional[np.ndarray]:
-    """The model's per-Gaussian instance labels (`model.instance_labels`) as int64 [N], or None."""
+    """The model's per-Gaussian instance labels (`model.instance_labels`) as int64 [N], or None when
+    it has none yet (Trace3DModel keeps an empty buffer until Gaussian Instance Tracing runs)."""
     labels = getattr(model, "instance_labels", None)
     if labels is None:
         return None
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-    return np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    return labels if labels.size > 0 else None
 
 
 def instance_file(instance_id: int) -> str:
