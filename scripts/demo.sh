@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# The demo: set up, generate a scene with SAM-like masks, train trace3d on the CPU, export it.
+# The demo: set up, generate a scene with SAM-like masks, train trace3d on the CPU (RGB warm-up,
+# then Gaussian Instance Tracing and contrastive feature lifting), export the segmented Gaussians.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]      (default: ./demo_out)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT="$(mkdir -p "${1:-$ROOT/demo_out}" && cd "${1:-$ROOT/demo_out}" && pwd)"
-STEPS="${TRACE3D_DEMO_STEPS:-3000}"
+STEPS="${TRACE3D_DEMO_STEPS:-1500}"
+GIT_STEP="${TRACE3D_DEMO_GIT_STEP:-700}"
+SIZE="${TRACE3D_DEMO_SIZE:-112}"
 
 echo "[demo] generating the demo scene in $OUT/scene"
-trace3d-scene --out "$OUT/scene" --objects 5 --views 40 --size 128 --seed 0 --sam-like-masks --overwrite
+trace3d-scene --out "$OUT/scene" --objects 5 --views 40 --size "$SIZE" --seed 0 --sam-like-masks --overwrite
 
-echo "[demo] training trace3d on the CPU for $STEPS steps (a few minutes)"
+echo "[demo] training trace3d on the CPU: $STEPS steps, Gaussian Instance Tracing at step $GIT_STEP"
 ns-train trace3d --data "$OUT/scene" --output-dir "$OUT/outputs" --experiment-name demo --timestamp demo \
   --machine.device-type cpu --vis tensorboard --max-num-iterations "$STEPS" --steps-per-save "$STEPS" \
+  --pipeline.git-step "$GIT_STEP" --pipeline.model.feature-start-step "$GIT_STEP" \
+  --pipeline.model.num-downscales 0 \
   --pipeline.datamanager.mask-source folder --pipeline.datamanager.folder.directory sam_masks
 CONFIG="$OUT/outputs/demo/trace3d/demo/config.yml"
 
-echo "[demo] exporting the Gaussians with ns-export"
+echo "[demo] exporting every instance (trace3d-export) and the whole scene (ns-export)"
+trace3d-export --load-config "$CONFIG" --output-dir "$OUT/export/instances" --min-gaussians 50
 ns-export gaussian-splat --load-config "$CONFIG" --output-dir "$OUT/export"
 
 cat <<MSG
 
 [demo] done. Outputs:
-  scene (images, GT instances, SAM-like masks): $OUT/scene
-  trained model config:                         $CONFIG
-  checkpoints and tensorboard logs:             $OUT/outputs/demo/trace3d/demo
-  exported Gaussians (3DGS .ply):               $OUT/export/splat.ply
+  scene (images, GT instances, SAM-like masks):  $OUT/scene
+  trained model config:                          $CONFIG
+  checkpoints and tensorboard logs:              $OUT/outputs/demo/trace3d/demo
+  consistent instance maps (mask cache):         $OUT/scene/.trace3d_cache/consistent-*.npz
+  one .ply per instance + instances.json:        $OUT/export/instances
+  all Gaussians (3DGS .ply):                     $OUT/export/splat.ply
 Look at it in the viewer:  $VENV/bin/ns-viewer --load-config $CONFIG   (then open http://localhost:7007)
 MSG
