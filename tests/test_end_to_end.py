@@ -72,3 +72,52 @@ def test_ns_export_loads_the_checkpoint(trained):
     vertex = ply["vertex"]
     assert vertex.count == int(kept.sum()) > 100
     np.testing.assert_allclose(np.stack([vertex["x"], vertex["y"], vertex["z"]], 1), means[kept], rtol=1e-6)
+
+
+def _object_pixel_in_first_train_view(scene: Path):
+    import json
+
+    from PIL import Image
+
+    name = Path(json.loads((scene / "transforms.json").read_text())["train_filenames"][0]).name
+    gt = np.array(Image.open(scene / "gt_instances" / name))
+    obj = np.bincount(gt[gt > 0]).argmax()
+    ys, xs = np.nonzero(gt == obj)
+    return f"{xs[len(xs) // 2]},{ys[len(ys) // 2]}"
+
+
+@pytest.mark.slow
+def test_trace3d_prompt_selects_an_object(trained):
+    import json
+
+    root, run = trained
+    point = _object_pixel_in_first_train_view(root / "scene")
+    out = root / "prompt"
+    _run(BIN / "trace3d-prompt", "--load-config", run / "config.yml", "--view", "0", "--points", point, "--output-dir", out, cwd=root)
+    summary = json.loads((out / "prompt.json").read_text())
+    assert 0 < summary["selected_gaussians"] < summary["total_gaussians"]
+    assert (out / "selection.ply").is_file() and len(list((out / "renders").glob("*.png"))) == 8
+    bad = subprocess.run(
+        [str(BIN / "trace3d-prompt"), "--load-config", str(root / "nope.yml"), "--view", "0", "--points", "1,1"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "config file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_trace3d_trace_writes_labels_into_the_checkpoint(trained):
+    import torch
+
+    root, run = trained
+    ckpt = sorted((run / "nerfstudio_models").glob("*.ckpt"))[-1]
+    original = ckpt.read_bytes()
+    try:
+        state = torch.load(ckpt, weights_only=True)
+        state["pipeline"]["_model.instance_labels"] = torch.zeros(0, dtype=torch.long)  # as if never traced
+        state["pipeline"]["_model.instance_confidence"] = torch.zeros(0)
+        torch.save(state, ckpt)
+        _run(BIN / "trace3d-trace", "--load-config", run / "config.yml", cwd=root)
+        labels = torch.load(ckpt, weights_only=True)["pipeline"]["_model.instance_labels"]
+        assert labels.shape == state["pipeline"]["_model.gauss_params.means"].shape[:1] and (labels > 0).any()
+    finally:
+        ckpt.write_bytes(original)

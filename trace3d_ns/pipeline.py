@@ -37,6 +37,9 @@ class Trace3DPipelineConfig(VanillaPipelineConfig):
     """How contributions become per-Gaussian instance distributions."""
     merge: MergeConfig = field(default_factory=MergeConfig)
     """How patches merge into consistent instances."""
+    use_consistent_labels: bool = True
+    """Train the features on the consistent instance maps once GIT made them (False: keep the raw
+    patches, e.g. for the paper's "density control only" ablation)."""
     density: GitDensityControl = field(default_factory=GitDensityControl)
     """GIT-guided density control cycles (after splatfacto's densification): split ambiguous Gaussians,
     prune those splitting left ambiguous; statistics go to density_control.json in the run folder."""
@@ -101,7 +104,8 @@ class Trace3DPipeline(VanillaPipeline):
         traces = trace_model(model, dm.train_dataset.cameras, patch_maps, self.config.trace)
         result = consistent_instances(traces, patch_maps, self.config.merge)
         model.set_instances(result.gaussian_labels, result.gaussian_confidence, traces)
-        dm.set_train_instance_maps(result.maps)
+        if self.config.use_consistent_labels:
+            dm.set_train_instance_maps(result.maps)
         settings = {"step": step, "num_gaussians": model.num_points, "trace": asdict(self.config.trace), "merge": asdict(self.config.merge)}
         dm.save_train_maps(CONSISTENT_KIND, result.maps, settings)
         s = result.stats
