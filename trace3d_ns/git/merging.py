@@ -22,16 +22,20 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   product ``C = M D`` (``M``: traced-to indicator [patches, N]; ``D``: distributions [N, patches])
   each view's similarities are one small product of ``C``'s rows. Patches ``a, b`` merge when
   ``sim > merge_threshold`` and both have >= ``min_traced`` traced Gaussians.
-- **Segments** are the within-view merged groups (their ``C`` rows and counts are sums over the
-  member patches). For segments ``s`` (view ``v``) and ``s'`` (view ``v' != v``),
-  ``f(s -> s') = C[s, s'] / n_s^v'``: the share of ``s``'s traced Gaussians seen in ``v'`` that
-  fall in ``s'``. ``s`` and ``s'`` are **linked** when ``f(s -> s') > link_threshold`` and
-  ``f(s' -> s) > link_threshold`` (mutual majority: with a threshold >= 0.5 a segment links to at
-  most one segment per view) and ``n_s^v', n_s'^v >= min_traced``.
-- **Global ids**: union-find (hooking + path compression, vectorized) over every patch of every
-  view with the merge and link edges, so identity is transitive; components are numbered 1..G in
-  order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no instance") and
-  never merges or links.
+- **Segments** are the within-view merged groups, found by greedy average linkage: the most
+  similar pair merges first and a merged group's ``C`` row and counts are the sums of its members',
+  so a sliver similar to two neighbours can join one but cannot bridge them. For segments ``s``
+  (view ``v``) and ``s'`` (view ``v' != v``), ``f(s -> s') = C[s, s'] / n_s^v'``: the share of
+  ``s``'s traced Gaussians seen in ``v'`` that fall in ``s'``. ``s`` and ``s'`` are **link
+  candidates** when ``f(s -> s') > link_threshold`` and ``f(s' -> s) > link_threshold`` (mutual
+  majority: with a threshold >= 0.5 a segment has at most one candidate per view) and
+  ``n_s^v', n_s'^v >= min_traced`` and ``>= min_seen_fraction`` of each segment.
+- **Global ids**: candidates are accepted by a union-find with path compression, the ones shared by
+  the most Gaussians first, unless the link would put two segments of one view into one instance
+  (within-view merging decided they differ; without this rule one segment that SAM merged from two
+  objects would chain both objects' instances together). Identity is transitive; components are
+  numbered 1..G in order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no
+  instance") and never merges or links.
 - **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
   kept patch in each view where the Gaussian is seen. Patch 0 says "no mask here", not "no
   instance": a Gaussian is labelled 0 only when no view puts it in a mask. Its confidence is the
@@ -237,11 +241,11 @@ class _TraceArrays:
         self.traced = self.informative & (traces.max_prob().cpu().numpy() >= config.traced_min_prob)  # [O]
         self.obs_top = self.base[self.obs_view] + top  # [O] global patch
 
-        entry_obs = traces.entry_obs().cpu().numpy()  # [E]
+        entry_obs, entry_patch, entry_prob = (x.cpu().numpy() for x in traces.entries())  # each [E]
         self.entry_obs = entry_obs
-        self.entry_patch = self.base[self.obs_view[entry_obs]] + traces.entry_patch.cpu().numpy()  # [E] global
-        self.entry_prob = traces.probs().cpu().numpy()  # [E]
-        self.entry_local = traces.entry_patch.cpu().numpy()  # [E]
+        self.entry_patch = self.base[self.obs_view[entry_obs]] + entry_patch  # [E] global
+        self.entry_prob = entry_prob  # [E]
+        self.entry_local = entry_patch  # [E]
 
     def traced_matrix(self) -> sp.csr_matrix:
         """M [P, N]: 1 where Gaussian n is traced to patch p."""

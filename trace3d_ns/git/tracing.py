@@ -13,16 +13,18 @@ authors' release does by default), for comparison.
 
 Storage is sparse (:class:`InstanceTraces`): one *observation* per (Gaussian, view) with a
 total weight >= ``min_weight``, holding that total (float16) and its top-k patches (patch id, prob
-quantised to uint8, prob >= ``min_prob``; the top-1 is always kept). View and patch ids use the
-smallest integer type that holds them (uint8 up to 256 views / patches per view). The mass of the
-dropped patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
-form, entries by (observation, descending prob). Memory grows with the number of observations
-(about one entry each: most Gaussians lie inside one patch), never with Gaussians x patches x views.
+quantised to uint8, prob >= ``min_prob``; the top-1 is always kept). The mass of the dropped
+patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
+form (offsets per Gaussian) and hold their most probable patch inline; the other kept patches
+(rare: most Gaussians lie inside one patch) are a separate list of extra entries sorted by
+observation. View and patch ids use the smallest integer type that holds them (uint8 up to 256
+views / patches per view), so an observation costs 5 bytes and an extra entry 6. Memory grows with
+the number of observations, never with Gaussians x patches x views.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,9 +54,10 @@ class TraceConfig:
 
 @dataclass
 class ViewTrace:
-    """The trace of one view, sorted by Gaussian: ``count[i]`` entries belong to ``gaussian[i]``."""
+    """The trace of one view: observation ``i`` of Gaussian ``gaussian[i]`` owns the next ``count[i]``
+    entries (entries follow the observations' order)."""
 
-    gaussian: Tensor  # [O] int64, ascending
+    gaussian: Tensor  # [O] int64, each Gaussian at most once
     weight: Tensor  # [O] float32 total weight
     count: Tensor  # [O] int64 kept entries per observation, >= 1
     patch: Tensor  # [E] int64, per observation by descending prob
@@ -68,11 +71,12 @@ def trace_view(
     num_labels: int,
     config: TraceConfig,
 ) -> ViewTrace:
-    """Scatter-add the pairs into per-(Gaussian, patch) weights, normalise per Gaussian, keep top-k."""
+    """Scatter-add the pairs into per-(Gaussian, patch) weights, normalise per Gaussian, keep top-k.
+    Observations come out sorted by Gaussian."""
     device = gaussian_ids.device
-    pair_w = torch.ones_like(weights) if config.mode == "count" else weights
+    pair_w = (torch.ones_like(weights) if config.mode == "count" else weights).float()
     keys, inverse = torch.unique(gaussian_ids * num_labels + labels, return_inverse=True)  # [U], [P]
-    w = torch.zeros(keys.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, pair_w.float())  # [U]
+    w = torch.zeros(keys.numel(), device=device).index_add_(0, inverse, pair_w)  # [U]
     gaussian = torch.div(keys, num_labels, rounding_mode="floor")  # [U] ascending
     patch = keys - gaussian * num_labels  # [U]
 
@@ -101,8 +105,9 @@ def trace_view(
 class InstanceTraces:
     """Sparse per-(Gaussian, view) instance distributions (see the module docstring).
 
-    Observation ``o`` of Gaussian ``g`` is ``offsets[g] <= o < offsets[g + 1]``; its entries are the
-    next ``obs_count[o]`` entries (entries are laid out in observation order).
+    Observation ``o`` of Gaussian ``g`` is ``offsets[g] <= o < offsets[g + 1]``. Its most probable
+    patch is stored inline (``obs_patch``, ``obs_prob``); its other kept patches (at most
+    ``topk - 1``, most Gaussians have none) are *extra* entries, sorted by observation.
     """
 
     num_gaussians: int
@@ -110,9 +115,11 @@ class InstanceTraces:
     offsets: Tensor  # [N + 1] int64 CSR over observations, sorted by (Gaussian, view)
     obs_view: Tensor  # [O] uint8 (int16 beyond 256 views)
     obs_weight: Tensor  # [O] float16 total weight (alpha * T, or pixels in count mode)
-    obs_count: Tensor  # [O] uint8 entries of the observation, >= 1
-    entry_patch: Tensor  # [E] uint8 (int16 / int32 when a view has more patches)
-    entry_prob: Tensor  # [E] uint8 round(prob * 255), descending within an observation
+    obs_patch: Tensor  # [O] uint8 most probable patch (int16 / int32 when a view has more patches)
+    obs_prob: Tensor  # [O] uint8 its round(prob * 255)
+    extra_obs: Tensor  # [X] int32 observation of each extra entry, ascending
+    extra_patch: Tensor  # [X] same dtype as obs_patch
+    extra_prob: Tensor  # [X] uint8, descending within an observation
     config: TraceConfig = field(default_factory=TraceConfig)
 
     # ---- construction -------------------------------------------------------------------------
@@ -130,6 +137,40 @@ class InstanceTraces:
             acc.add_view(view, contrib, patch_map)
         return acc.build()
 
+    @classmethod
+    def from_entries(
+        cls,
+        num_gaussians: int,
+        num_patches: Tensor,
+        offsets: Tensor,
+        obs_view: Tensor,
+        obs_weight: Tensor,
+        entry_obs: Tensor,
+        entry_patch: Tensor,
+        entry_q: Tensor,
+        config: TraceConfig,
+    ) -> "InstanceTraces":
+        """Store from observation arrays and entries ([E], grouped by ascending observation, most
+        probable first within one; every observation has at least one; ``entry_q`` are quantised
+        probabilities)."""
+        first = torch.ones_like(entry_obs, dtype=torch.bool)
+        first[1:] = entry_obs[1:] != entry_obs[:-1]
+        dtype = _id_dtype(int(num_patches.max()) - 1 if num_patches.numel() else 0)
+        q = entry_q.clamp(max=int(PROB_SCALE)).to(torch.uint8)
+        return cls(
+            num_gaussians=num_gaussians,
+            num_patches=num_patches,
+            offsets=offsets,
+            obs_view=obs_view.to(_id_dtype(num_patches.numel() - 1)),
+            obs_weight=obs_weight.to(torch.float16),
+            obs_patch=entry_patch[first].to(dtype),
+            obs_prob=q[first],
+            extra_obs=entry_obs[~first].to(torch.int32),
+            extra_patch=entry_patch[~first].to(dtype),
+            extra_prob=q[~first],
+            config=config,
+        )
+
     # ---- size and derived indices -------------------------------------------------------------
     @property
     def num_views(self) -> int:
@@ -140,42 +181,46 @@ class InstanceTraces:
         return self.obs_view.numel()
 
     @property
+    def num_entries(self) -> int:
+        """Kept (patch, prob) pairs: one per observation plus the extras."""
+        return self.num_observations + self.extra_obs.numel()
+
+    @property
     def device(self) -> torch.device:
         return self.offsets.device
 
+    def _tensors(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor))
+
     def nbytes(self) -> int:
         """Bytes held by the store's tensors."""
-        tensors = (self.num_patches, self.offsets, self.obs_view, self.obs_weight, self.obs_count)
-        return sum(t.numel() * t.element_size() for t in tensors + (self.entry_patch, self.entry_prob))
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._tensors())
 
     def obs_gaussian(self) -> Tensor:
         """Gaussian of every observation. [O] int64"""
         counts = self.offsets[1:] - self.offsets[:-1]
         return torch.repeat_interleave(torch.arange(self.num_gaussians, device=self.device), counts)
 
-    def entry_start(self) -> Tensor:
-        """Index of the first (most probable) entry of every observation. [O] int64"""
-        return _exclusive_cumsum(self.obs_count.long())
-
-    def entry_obs(self) -> Tensor:
-        """Observation of every entry. [E] int64"""
-        return torch.repeat_interleave(torch.arange(self.num_observations, device=self.device), self.obs_count.long())
-
-    def probs(self) -> Tensor:
-        """Entry probabilities as floats. [E]"""
-        return self.entry_prob.float() / PROB_SCALE
+    def entries(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Every kept entry as (observation [E] int64, patch [E] int64, prob [E] float32), grouped by
+        observation, most probable first."""
+        obs = torch.cat([torch.arange(self.num_observations, device=self.device), self.extra_obs.long()])
+        order = torch.argsort(obs, stable=True)
+        patch = torch.cat([self.obs_patch, self.extra_patch]).long()
+        prob = torch.cat([self.obs_prob, self.extra_prob]).float() / PROB_SCALE
+        return obs[order], patch[order], prob[order]
 
     def max_prob(self) -> Tensor:
-        """max_j W[g, j] of every observation (its first entry). [O] float32"""
-        return self.probs()[self.entry_start()]
+        """max_j W[g, j] of every observation. [O] float32"""
+        return self.obs_prob.float() / PROB_SCALE
 
     def argmax(self) -> Tensor:
         """argmax_j W[g, j] of every observation. [O] int64"""
-        return self.entry_patch[self.entry_start()].long()
+        return self.obs_patch.long()
 
     def residual_mass(self) -> Tensor:
         """Probability mass of the dropped patches, 1 - sum of kept probs (>= 0). [O] float32"""
-        kept = torch.zeros(self.num_observations, device=self.device).index_add_(0, self.entry_obs(), self.probs())
+        kept = self.max_prob().index_add(0, self.extra_obs.long(), self.extra_prob.float() / PROB_SCALE)
         return (1.0 - kept).clamp(min=0.0)
 
     # ---- per-view access ----------------------------------------------------------------------
@@ -209,10 +254,10 @@ class InstanceTraces:
 
     def view_dense(self, view: int) -> Tensor:
         """The kept probabilities of one view as a dense [N, num_patches[view]] matrix (small scenes)."""
-        entry_obs = self.entry_obs()
-        sel = self.obs_view[entry_obs] == view
+        obs, patch, prob = self.entries()
+        sel = self.obs_view[obs] == view
         out = torch.zeros(self.num_gaussians, int(self.num_patches[view]), device=self.device)
-        out[self.obs_gaussian()[entry_obs[sel]], self.entry_patch[sel].long()] = self.probs()[sel]
+        out[self.obs_gaussian()[obs[sel]], patch[sel]] = prob[sel]
         return out
 
     # ---- edits --------------------------------------------------------------------------------
@@ -225,16 +270,22 @@ class InstanceTraces:
         index = index.to(self.device).long()
         counts = (self.offsets[1:] - self.offsets[:-1])[index]  # [M]
         obs = _segment_indices(self.offsets[:-1][index], counts)  # [O']
-        entries = _segment_indices(self.entry_start()[obs], self.obs_count[obs].long())  # [E']
+        extra_obs = self.extra_obs.long()
+        start = torch.searchsorted(extra_obs, obs)  # [O'] first extra of each kept observation
+        extra_counts = torch.searchsorted(extra_obs, obs, right=True) - start  # [O']
+        extras = _segment_indices(start, extra_counts)  # [X']
+        new_obs = torch.repeat_interleave(torch.arange(obs.numel(), device=self.device), extra_counts)
         return replace(
             self,
             num_gaussians=index.numel(),
             offsets=torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
             obs_view=self.obs_view[obs],
             obs_weight=self.obs_weight[obs],
-            obs_count=self.obs_count[obs],
-            entry_patch=self.entry_patch[entries],
-            entry_prob=self.entry_prob[entries],
+            obs_patch=self.obs_patch[obs],
+            obs_prob=self.obs_prob[obs],
+            extra_obs=new_obs.to(torch.int32),
+            extra_patch=self.extra_patch[extras],
+            extra_prob=self.extra_prob[extras],
         )
 
     def remap_patches(self, luts: Sequence[Tensor]) -> "InstanceTraces":
@@ -245,26 +296,24 @@ class InstanceTraces:
         luts = [lut.to(self.device).long() for lut in luts]
         flat = torch.cat(luts)  # [sum T_v]
         base = _exclusive_cumsum(torch.tensor([lut.numel() for lut in luts], device=self.device))  # [L]
-        entry_obs = self.entry_obs()
-        patch = flat[base[self.obs_view[entry_obs].long()] + self.entry_patch.long()]  # [E]
+        obs = torch.cat([torch.arange(self.num_observations, device=self.device), self.extra_obs.long()])  # [E]
+        old = torch.cat([self.obs_patch, self.extra_patch]).long()
+        patch = flat[base[self.obs_view[obs].long()] + old]  # [E]
         span = int(flat.max()) + 1 if flat.numel() else 1
-        keys, inverse = torch.unique(entry_obs * span + patch, return_inverse=True)  # sorted by observation
+        keys, inverse = torch.unique(obs * span + patch, return_inverse=True)  # sorted by observation
         q = torch.zeros(keys.numel(), dtype=torch.long, device=self.device)
-        q.index_add_(0, inverse, self.entry_prob.long())
-        obs = torch.div(keys, span, rounding_mode="floor")
+        q.index_add_(0, inverse, torch.cat([self.obs_prob, self.extra_prob]).long())
+        key_obs = torch.div(keys, span, rounding_mode="floor")
         order = torch.argsort(q, descending=True, stable=True)
-        order = order[torch.argsort(obs[order], stable=True)]
-        return replace(
-            self,
-            num_patches=torch.stack([lut.max() + 1 if lut.numel() else lut.new_ones(()) for lut in luts]),
-            obs_count=torch.bincount(obs, minlength=self.num_observations).to(torch.uint8),
-            entry_patch=(keys - obs * span)[order].to(_id_dtype(span - 1)),
-            entry_prob=q[order].clamp(max=int(PROB_SCALE)).to(torch.uint8),
+        order = order[torch.argsort(key_obs[order], stable=True)]
+        num_patches = torch.stack([lut.max() + 1 if lut.numel() else lut.new_ones(()) for lut in luts])
+        return InstanceTraces.from_entries(
+            self.num_gaussians, num_patches, self.offsets, self.obs_view, self.obs_weight,
+            key_obs[order], (keys - key_obs * span)[order], q[order], self.config,
         )
 
     def to(self, device: Union[str, torch.device]) -> "InstanceTraces":
-        names = ("num_patches", "offsets", "obs_view", "obs_weight", "obs_count", "entry_patch", "entry_prob")
-        return replace(self, **{n: getattr(self, n).to(device) for n in names})
+        return replace(self, **{n: getattr(self, n).to(device) for n in self._tensors()})
 
 
 class TraceAccumulator:
@@ -302,19 +351,19 @@ class TraceAccumulator:
             gaussian = view = count = patch = torch.zeros(0, dtype=torch.long)
             weight = prob = torch.zeros(0)
         order = torch.argsort(gaussian * num_views + view)  # [O] keys are unique
-        entries = _segment_indices(_exclusive_cumsum(count)[order], count[order])
-        quantised = torch.round(prob[entries] * PROB_SCALE).clamp(1, PROB_SCALE).to(torch.uint8)
+        entries = _segment_indices(_exclusive_cumsum(count)[order], count[order])  # [E] in the new order
+        entry_obs = torch.repeat_interleave(torch.arange(order.numel(), device=device), count[order])
         per_gaussian = torch.bincount(gaussian, minlength=self.num_gaussians)  # [N]
-        return InstanceTraces(
-            num_gaussians=self.num_gaussians,
-            num_patches=torch.tensor(self.num_patches, device=device),
-            offsets=torch.cat([gaussian.new_zeros(1), torch.cumsum(per_gaussian, 0)]),
-            obs_view=view[order].to(_id_dtype(num_views - 1)),
-            obs_weight=weight[order].to(torch.float16),
-            obs_count=count[order].to(torch.uint8),
-            entry_patch=patch[entries].to(_id_dtype(max(self.num_patches) - 1)),
-            entry_prob=quantised,
-            config=self.config,
+        return InstanceTraces.from_entries(
+            self.num_gaussians,
+            torch.tensor(self.num_patches, device=device),
+            torch.cat([gaussian.new_zeros(1), torch.cumsum(per_gaussian, 0)]),
+            view[order],
+            weight[order],
+            entry_obs,
+            patch[entries],
+            torch.round(prob[entries] * PROB_SCALE).clamp(min=1).long(),
+            self.config,
         )
 
 
