@@ -130,8 +130,8 @@ def consistent_instances(
     traced = t.traced_matrix()  # [P, N]
     cotrace = _drop_same_view((traced @ t.distribution_matrix()).tocoo(), t.patch_view)  # [P, P]
     own = (np.arange(t.num_nodes), t.patch_view)
-    seen = traced @ t.view_matrix(t.seen)  # [P, L] n_a^v'
-    informative = traced @ t.view_matrix(t.informative)  # [P, L] m_a^v'
+    seen = (traced @ t.view_matrix(t.seen)).toarray()  # [P, L] n_a^v'
+    informative = (traced @ t.view_matrix(t.informative)).toarray()  # [P, L] m_a^v'
     seen[own], informative[own] = 0.0, 0.0
     num_traced = np.asarray(traced.sum(axis=1)).ravel()  # [P]
     candidate = (num_traced >= config.min_traced) & (t.patch_local > 0)  # [P]
@@ -145,7 +145,7 @@ def consistent_instances(
     root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
     global_id = _compact(root, real)  # [P], 0 for patch 0
     luts = [torch.from_numpy(global_id[t.base[v] : t.base[v + 1]]) for v in range(traces.num_views)]
-    labels, confidence = _gaussian_votes(t, global_id, config)
+    labels, confidence = _gaussian_votes(t, global_id)
 
     device = traces.device
     maps = [lut.to(m.device)[m.long()].int() for lut, m in zip(luts, patch_maps)]
@@ -258,11 +258,10 @@ class _TraceArrays:
         rows, cols = self.obs_gaussian[self.entry_obs[keep]], self.entry_patch[keep]
         return sp.csr_matrix((self.entry_prob[keep], (rows, cols)), shape=(self.num_gaussians, self.num_nodes))
 
-    def view_matrix(self, obs: np.ndarray) -> np.ndarray:
-        """[N, L] dense indicator of the observations selected by the bool mask ``obs`` [O]."""
-        out = np.zeros((self.num_gaussians, self.num_views))
-        out[self.obs_gaussian[obs], self.obs_view[obs]] = 1.0
-        return out
+    def view_matrix(self, obs: np.ndarray) -> sp.csr_matrix:
+        """[N, L] indicator of the observations selected by the bool mask ``obs`` [O]."""
+        rows, cols = self.obs_gaussian[obs], self.obs_view[obs]
+        return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(self.num_gaussians, self.num_views))
 
 
 def _drop_same_view(m: sp.coo_matrix, patch_view: np.ndarray) -> sp.csr_matrix:
@@ -413,7 +412,7 @@ def _compact(root: np.ndarray, real: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gaussian_votes(t: _TraceArrays, global_id: np.ndarray, config: MergeConfig) -> tuple[np.ndarray, np.ndarray]:
+def _gaussian_votes(t: _TraceArrays, global_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring)."""
     keep = t.seen[t.entry_obs]
     gaussian = t.obs_gaussian[t.entry_obs[keep]]  # [e]
