@@ -177,3 +177,22 @@ def test_unsupported_arguments_raise_clearly():
         rasterization(*params, view[None], K[None], W, H, packed=True)
     with pytest.raises(ValueError, match="render_mode"):
         rasterization(*params, view[None], K[None], W, H, render_mode="RGBD")
+
+
+@pytest.mark.parametrize("grad_to_geometry", [False, True])
+def test_extra_colors_share_the_pass_and_match_a_second_render(grad_to_geometry):
+    from trace3d_ns.rendering import rasterize_with_extra
+
+    view, K = _camera()
+    means, quats, scales, opac, colors = [p.requires_grad_(True) for p in random_gaussians(200, seed=8)]
+    feats = torch.randn(200, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    rgb, alpha, meta, extra = rasterize_with_extra(
+        means, quats, scales, opac, colors, view[None], K[None], W, H, extra_colors=feats,
+        extra_grad_to_geometry=grad_to_geometry,
+    )
+    assert "extra_render" not in meta and extra.shape == (1, H, W, 5)
+    second, _, _ = rasterization(means.detach(), quats.detach(), scales.detach(), opac.detach(), feats.detach(), view[None], K[None], W, H)
+    torch.testing.assert_close(extra.detach(), second, atol=1e-5, rtol=1e-5)
+    extra.square().sum().backward()
+    assert feats.grad.abs().sum() > 0
+    assert (means.grad is not None and means.grad.abs().sum() > 0) == grad_to_geometry

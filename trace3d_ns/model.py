@@ -31,7 +31,7 @@ from trace3d_ns.device import require_device
 from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
 from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
-from trace3d_ns.rendering import rasterize
+from trace3d_ns.rendering import rasterize, rasterize_with_extra
 
 
 @dataclass
@@ -237,11 +237,18 @@ class Trace3DModel(SplatfactoModel):
         if self.config.rasterize_mode not in ("antialiased", "classic"):
             raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode}")
 
-        render, alpha, self.info = rasterize(
-            g["means"], g["quats"], g["scales"], g["opacities"], colors, viewmat, K, W, H,
+        args = (g["means"], g["quats"], g["scales"], g["opacities"], colors, viewmat, K, W, H)
+        kwargs = dict(
             packed=False, near_plane=0.01, far_plane=1e10, render_mode=render_mode, sh_degree=sh_degree,
             sparse_grad=False, absgrad=self.strategy.absgrad, rasterize_mode=self.config.rasterize_mode,
         )
+        features = None
+        if self.has_features and (not self.training or self.step >= self.config.feature_start_step):
+            render, alpha, self.info, features = rasterize_with_extra(
+                *args, extra_colors=g["features"], extra_grad_to_geometry=self.config.feature_grad_to_geometry, **kwargs
+            )
+        else:
+            render, alpha, self.info = rasterize(*args, **kwargs)
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
 
@@ -250,8 +257,8 @@ class Trace3DModel(SplatfactoModel):
         if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
             rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
         outputs: Dict[str, Union[Tensor, List]] = {}
-        if self.has_features and (not self.training or self.step >= self.config.feature_start_step):
-            outputs["feature"] = self._render_features(g, viewmat, K, W, H)[0]  # [H, W, D]
+        if features is not None:
+            outputs["feature"] = features[0]  # [H, W, D]
         depth = None
         if render_mode == "RGB+ED":
             depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
@@ -259,17 +266,6 @@ class Trace3DModel(SplatfactoModel):
             background = background.expand(H, W, 3)
         outputs.update(rgb=rgb.squeeze(0), depth=depth, accumulation=alpha.squeeze(0), background=background)
         return outputs
-
-    def _render_features(self, g: Dict[str, Tensor], viewmat: Tensor, K: Tensor, W: int, H: int) -> Tensor:
-        """Features composited like colour, by the same backend. [1, H, W, D]"""
-        geometry = [g["means"], g["quats"], g["scales"], g["opacities"]]
-        if not self.config.feature_grad_to_geometry:
-            geometry = [t.detach() for t in geometry]
-        features, _, _ = rasterize(
-            *geometry, g["features"], viewmat, K, W, H, packed=False, near_plane=0.01, far_plane=1e10,
-            render_mode="RGB", rasterize_mode=self.config.rasterize_mode,
-        )
-        return features
 
     # ---- losses -------------------------------------------------------------------------------
     def training_labels(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:

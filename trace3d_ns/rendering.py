@@ -27,6 +27,41 @@ def rasterize(means: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor,
     return rasterization(means, *args, **kwargs)
 
 
+def rasterize_with_extra(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    extra_colors: Tensor,  # [N, E] e.g. instance features
+    extra_grad_to_geometry: bool = False,
+    **kwargs: Any,
+) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
+    """`rasterize` plus `extra_colors` composited like colour (no background): returns
+    (render_colors, render_alphas, meta, extra [C, H, W, E]). The torch backend reuses the colour
+    pass's pairs and weights; on CUDA gsplat renders a second pass (with detached geometry unless
+    `extra_grad_to_geometry`)."""
+    if not means.is_cuda:
+        from trace3d_ns.cuda.rasterization import rasterization
+
+        out = rasterization(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, **kwargs,
+        )
+        return out[0], out[1], out[2], out[2].pop("extra_render")
+    render, alpha, meta = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+    geometry = [means, quats, scales, opacities]
+    if not extra_grad_to_geometry:
+        geometry = [t.detach() for t in geometry]
+    extra_kwargs = {k: v for k, v in kwargs.items() if k in ("near_plane", "far_plane", "rasterize_mode", "eps2d")}
+    extra, _, _ = rasterize(*geometry, extra_colors, viewmats, Ks, width, height, packed=False, **extra_kwargs)
+    return render, alpha, meta, extra
+
+
 @dataclass
 class Contributions:
     """Sparse blending weights of one view: pair k says Gaussian `gaussian_ids[k]` put weight

@@ -51,10 +51,13 @@ def composite_pairs(
     width: int,
     height: int,
     absgrad: Optional[Tensor] = None,  # [N, 2] filled with sum |dL/dmeans2d| per pair in backward
-) -> Tuple[Tensor, Tensor, Tensor]:
+    extra_colors: Optional[Tensor] = None,  # [N, E] composited with the same weights
+    extra_grad_to_geometry: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Differentiable front-to-back compositing of the listed pairs.
 
-    Returns (colours [H*W, D] without background, alphas [H*W], weights alpha*T [P]).
+    Returns (colours [H*W, D] without background, alphas [H*W], weights alpha*T [P], extra colours
+    [H*W, E] or None). The extra colours reach the geometry's gradients only if asked.
     """
     pair_means = means2d[gaussian_ids]  # [P, 2]
     if absgrad is not None and pair_means.requires_grad:
@@ -69,7 +72,13 @@ def composite_pairs(
         0, pixel_ids, weights[:, None] * colors[gaussian_ids]
     )  # [H*W, D]
     alphas = weights.new_zeros(num_pixels).index_add(0, pixel_ids, weights)  # [H*W]
-    return image, alphas, weights
+    extra = None
+    if extra_colors is not None:
+        w = weights if extra_grad_to_geometry else weights.detach()
+        extra = extra_colors.new_zeros(num_pixels, extra_colors.shape[-1]).index_add(
+            0, pixel_ids, w[:, None] * extra_colors[gaussian_ids]
+        )  # [H*W, E]
+    return image, alphas, weights, extra
 
 
 def rasterization(
@@ -95,11 +104,16 @@ def rasterization(
     absgrad: bool = False,
     rasterize_mode: str = "classic",
     camera_model: str = "pinhole",
+    extra_colors: Optional[Tensor] = None,  # [N, E]
+    extra_grad_to_geometry: bool = False,
     **unsupported: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Same arguments, outputs and `meta` as `gsplat.rendering.rasterization(packed=False)`.
 
-    Returns (render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta).
+    Returns (render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta). Beyond gsplat:
+    `extra_colors` are composited with the same pairs and weights (no second pass) and returned as
+    `meta["extra_render"]` [C, H, W, E], without background; their gradients reach the geometry
+    only with `extra_grad_to_geometry`.
     """
     if packed or camera_model != "pinhole" or sparse_grad or unsupported:
         extra = ", ".join(sorted(unsupported))
@@ -141,16 +155,19 @@ def rasterization(
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
     absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
-    renders, alphas = [], []
+    renders, alphas, extras = [], [], []
     for c in range(C):
         gids, pids = contributing_pairs(
             proj.means2d[c].detach(), proj.conics[c].detach(), opacities_c[c].detach(), proj.radii[c],
             proj.depths[c].detach(), width, height, tile_size,
         )
-        image, alpha, _ = composite_pairs(
+        image, alpha, _, extra = composite_pairs(
             gids, pids, proj.means2d[c], proj.conics[c], opacities_c[c], colors_c[c], width, height,
             absgrad=None if absgrad_buffer is None else absgrad_buffer[c],
+            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry,
         )
+        if extra is not None:
+            extras.append(extra.reshape(height, width, -1))
         if backgrounds is not None:
             image = image + (1.0 - alpha)[:, None] * backgrounds[c]
         renders.append(image.reshape(height, width, -1))
@@ -182,4 +199,6 @@ def rasterization(
         "tile_size": tile_size,
         "n_cameras": C,
     }
+    if extras:
+        meta["extra_render"] = torch.stack(extras)  # [C, H, W, E]
     return render_colors, render_alphas, meta
