@@ -32,7 +32,7 @@ Definitions (all pixels are at the camera's full resolution; masks are boolean [
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
@@ -232,7 +232,7 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
     if settings.reference_view is not None and not 0 <= settings.reference_view < len(train):
         raise EvaluationError(f"--reference-view {settings.reference_view} is not a training view index (0..{len(train) - 1})")
     resolved = resolve_mode(model, settings.mode)
-    settings = Settings(resolved, settings.threshold, settings.reference_view, settings.points)
+    settings = replace(settings, mode=resolved)
 
     def ref(masks: Sequence[np.ndarray]) -> Optional[int]:
         return settings.reference_view if settings.reference_view is not None else reference_view(masks)
