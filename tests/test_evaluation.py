@@ -3,6 +3,7 @@ model with a known answer, and the CLI (errors, and a run on a written checkpoin
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,31 @@ def test_cli_unmatched_ground_truth_is_one_line_exit_2(checkpoint, tmp_path, cap
         f"trace3d-eval: error: no ground truth in {masks} matches the training images "
         f"(expected e.g. {masks / 'frame_00001.png'})"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("TRACE3D_SLOW") != "1",
+    reason="trains with ns-train first (several minutes on 2 CPU cores, over the 90 s budget); set TRACE3D_SLOW=1",
+)
+def test_cli_on_an_ns_train_checkpoint(tmp_path):
+    """The user's path: trace3d-scene -> ns-train (40 steps, features from step 20) -> trace3d-eval."""
+    from trace3d_ns.scene.generate import SceneSpec, generate_scene
+
+    scene = generate_scene(tmp_path / "scene", SceneSpec(num_objects=3, num_views=10, image_size=48, num_points=1500,
+                                                         test_every=5, sam_like_masks=True))
+    train = subprocess.run(
+        [str(Path(sys.executable).parent / "ns-train"), "trace3d", "--data", str(scene), "--output-dir", str(tmp_path / "out"),
+         "--experiment-name", "e", "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
+         "--max-num-iterations", "40", "--steps-per-save", "40", "--pipeline.model.num-downscales", "0",
+         "--pipeline.model.feature-start-step", "20", "--pipeline.datamanager.mask-source", "folder",
+         "--pipeline.datamanager.folder.directory", "sam_masks"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=1800,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = _cli("--load-config", tmp_path / "out" / "e" / "trace3d" / "run" / "config.yml", "--gt", scene,
+               "--out", tmp_path / "m.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["test_views"] == ["images/frame_00000.png", "images/frame_00005.png"]
+    assert result["object_extraction"]["num_objects"] >= 1 and 0 <= result["foreground"]["miou"] <= 1
