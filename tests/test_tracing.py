@@ -41,10 +41,11 @@ def dense_trace(c: Contributions, patch: torch.Tensor, n: int, count: bool = Fal
     return out
 
 
+@pytest.mark.parametrize("dense_limit", [1 << 25, 0], ids=["dense-buffer", "sorted-keys"])
 @pytest.mark.parametrize("mode", ["weight", "count"])
-def test_trace_matches_dense_brute_force(scene, traced, mode):
+def test_trace_matches_dense_brute_force(scene, traced, mode, dense_limit):
     n = scene.num_gaussians
-    config = TraceConfig(mode=mode, topk=64, min_prob=0.0, min_weight=0.0)
+    config = TraceConfig(mode=mode, topk=64, min_prob=0.0, min_weight=0.0, dense_limit=dense_limit)
     store = InstanceTraces.from_views(traced, n, 4, config)
     for v, c, patch in traced:
         dense = dense_trace(c, patch, n, count=mode == "count")  # [N, T]

@@ -46,6 +46,9 @@ class TraceConfig:
     """Patches kept per (Gaussian, view), most probable first."""
     min_prob: float = 0.02
     """Patches below this probability are dropped (the top-1 is always kept)."""
+    dense_limit: int = 1 << 25
+    """A view is accumulated in a temporary dense (Gaussians x patches) float32 buffer when it has at
+    most this many cells (128 MB), else through sorted unique keys; both are exact."""
     min_weight: float = 0.05
     """(Gaussian, view) observations whose total weight is below this are not stored: unseen. In
     alpha * T units (a fully opaque Gaussian covering one pixel has weight 1), pixels in count mode.
@@ -71,12 +74,19 @@ def trace_view(
     num_labels: int,
     config: TraceConfig,
 ) -> ViewTrace:
-    """Scatter-add the pairs into per-(Gaussian, patch) weights, normalise per Gaussian, keep top-k.
-    Observations come out sorted by Gaussian."""
+    """Scatter-add the pairs into per-(Gaussian, patch) weights (``index_add_``: exact, atomic on the
+    GPU), normalise per Gaussian, keep top-k. Observations come out sorted by Gaussian."""
     device = gaussian_ids.device
     pair_w = (torch.ones_like(weights) if config.mode == "count" else weights).float()
-    keys, inverse = torch.unique(gaussian_ids * num_labels + labels, return_inverse=True)  # [U], [P]
-    w = torch.zeros(keys.numel(), device=device).index_add_(0, inverse, pair_w)  # [U]
+    pair_key = gaussian_ids * num_labels + labels  # [P]
+    span = (int(gaussian_ids.max()) + 1) * num_labels if gaussian_ids.numel() else 0
+    if span <= config.dense_limit:  # one index_add_ into a per-view buffer, then its non-zeros
+        dense = torch.zeros(span, device=device).index_add_(0, pair_key, pair_w)
+        keys = torch.nonzero(dense).squeeze(1)  # [U] ascending (every pair weight is > 0)
+        w = dense[keys]  # [U]
+    else:  # sort-based: memory stays with the pairs
+        keys, inverse = torch.unique(pair_key, return_inverse=True)  # [U], [P]
+        w = torch.zeros(keys.numel(), device=device).index_add_(0, inverse, pair_w)  # [U]
     gaussian = torch.div(keys, num_labels, rounding_mode="floor")  # [U] ascending
     patch = keys - gaussian * num_labels  # [U]
 
