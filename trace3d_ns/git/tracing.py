@@ -5,8 +5,8 @@ put weight ``alpha * T`` into pixel ``p``), the trace of ``g`` is
 
     w[g, j] = sum of alpha * T over the pixels p of patch j that g contributes to,
 
-an exact scatter-add (sorted unique keys + ``index_add_``, which is atomic on the GPU: no update
-is lost). ``W[g, j] = w[g, j] / sum_j w[g, j]`` is a probability over the view's patches and the
+an exact scatter-add (``index_add_`` into a temporary per-view buffer, or over sorted unique keys
+for views too large for one; ``index_add_`` is atomic on the GPU: no update is lost). ``W[g, j] = w[g, j] / sum_j w[g, j]`` is a probability over the view's patches and the
 total ``sum_j w[g, j]`` says how visible ``g`` is. Patch ``0`` ("covered by no mask") is traced
 like any other patch. ``mode="count"`` adds 1 per pixel instead of ``alpha * T`` (what the
 authors' release does by default), for comparison.
