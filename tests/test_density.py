@@ -148,6 +148,9 @@ def test_schedule_starts_after_splatfacto_densification():
     with pytest.raises(ValueError, match="stop-split-at"):
         control.schedule(stop_split_at=2500)
     assert GitDensityControl(cycles=0, start_step=0).schedule(stop_split_at=15000) == []
+    assert control.cycle_at(3000) == 2  # the last cycle, also after resuming a run
+    with pytest.raises(ValueError, match="no density control cycle"):
+        control.cycle_at(2250)
 
 
 # ---- full cycles on a tiny scene ----------------------------------------------------------------
@@ -195,10 +198,10 @@ def _check_consistent(model) -> None:
 def test_cycles_on_a_training_pipeline(trained):
     _, _, pipeline, optimizers = trained
     model = pipeline.model
-    control = GitDensityControl(cycles=3, start_step=0, every=1)
+    control = GitDensityControl(cycles=3, start_step=10, every=2)
     state = control.initialize_state()
 
-    first = control.run_cycle(pipeline, state, step=2)
+    first = control.run_cycle(pipeline, state, step=10)
     assert first.num_split > 0 and first.num_pruned == 0 and first.num_children == 0
     assert first.num_after == model.num_points == first.num_before + first.num_split
     _check_consistent(model)
@@ -208,20 +211,20 @@ def test_cycles_on_a_training_pipeline(trained):
     traces = model.instance_traces
     torch.testing.assert_close(traces.index_select(torch.arange(n - 2 * k, n - k)).obs_weight,
                                traces.index_select(torch.arange(n - k, n)).obs_weight)  # inherit their parent
-    _train_step(pipeline, optimizers, step=3)  # forward + backward + Adam + DefaultStrategy state update
+    _train_step(pipeline, optimizers, step=11)  # forward + backward + Adam + DefaultStrategy state update
 
-    second = control.run_cycle(pipeline, state, step=4)
+    second = control.run_cycle(pipeline, state, step=12)
     assert second.num_children == 2 * k
     assert second.num_pruned == second.num_ambiguous_children  # only still-ambiguous children
     assert second.num_after == second.num_before - second.num_pruned + second.num_split
     _check_consistent(model)
-    _train_step(pipeline, optimizers, step=5)
+    _train_step(pipeline, optimizers, step=13)
 
-    last = control.run_cycle(pipeline, state, step=6)
+    last = control.run_cycle(pipeline, state, step=14)
     assert last.num_split == 0 and last.num_after == last.num_before - last.num_pruned
     assert not state.split_last.any()
     _check_consistent(model)
-    _train_step(pipeline, optimizers, step=7)
+    _train_step(pipeline, optimizers, step=15)
     assert all(torch.isfinite(p).all() for p in model.gauss_params.values())
 
 
@@ -232,7 +235,7 @@ def _save_run(root: Path, config, pipeline) -> Path:
     config.save_config()
     ckpt_dir = config.get_checkpoint_dir()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": 7, "pipeline": pipeline.state_dict()}, ckpt_dir / "step-000000007.ckpt")
+    torch.save({"step": 15, "pipeline": pipeline.state_dict()}, ckpt_dir / "step-000000015.ckpt")
     return config.get_base_dir() / "config.yml"
 
 
@@ -244,7 +247,7 @@ def test_checkpoint_after_density_control_loads(trained):
     config_path = _save_run(root, config, pipeline)
     _, loaded, _, step = eval_setup(config_path, test_mode="test")  # what ns-viewer does
     model = loaded.model
-    assert step == 7 and model.num_points == n
+    assert step == 15 and model.num_points == n
     torch.testing.assert_close(model.means, pipeline.model.means)
     assert torch.equal(model.instance_labels.cpu(), pipeline.model.instance_labels.cpu())
     camera = loaded.datamanager.eval_dataset.cameras[0:1]

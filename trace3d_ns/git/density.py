@@ -194,8 +194,8 @@ class DensityControlState:
     generator: torch.Generator
     """Draws the children's means."""
     split_last: Optional[Tensor] = None
-    """[N] bool: the children made by the previous cycle (None before the first cycle)."""
-    cycles_done: int = 0
+    """[N] bool: the children made by the previous cycle (None before the first cycle; not
+    checkpointed, so the first cycle after resuming a run prunes nothing)."""
     history: List[CycleStats] = field(default_factory=list)
 
 
@@ -236,6 +236,13 @@ class GitDensityControl:
             )
         return [self.start_step + k * self.every for k in range(self.cycles)]
 
+    def cycle_at(self, step: int) -> int:
+        """Index of the cycle that runs at ``step``; raises if none does."""
+        k, offset = divmod(step - self.start_step, self.every)
+        if offset != 0 or not 0 <= k < self.cycles:
+            raise ValueError(f"no density control cycle at step {step} (cycles at {self.start_step} + k * {self.every}, k < {self.cycles})")
+        return k
+
     def ambiguity(self) -> AmbiguityConfig:
         return AmbiguityConfig(gamma=self.gamma, threshold=self.theta_as, min_weight=self.min_weight)
 
@@ -244,7 +251,8 @@ class GitDensityControl:
 
     @torch.no_grad()
     def run_cycle(self, pipeline, state: DensityControlState, step: int) -> CycleStats:
-        """One cycle on a training ``Trace3DPipeline`` (its model's ``optimizers`` set by training)."""
+        """The cycle of ``step`` on a training ``Trace3DPipeline`` (its model's ``optimizers`` set by training)."""
+        cycle = self.cycle_at(step)
         model = pipeline.model
         if state.split_last is not None and state.split_last.shape[0] != model.num_points:
             raise RuntimeError(
@@ -256,7 +264,7 @@ class GitDensityControl:
         traces = model.instance_traces
         score, num_seen = ambiguity_scores(traces.remap_patches(result.patch_to_global), self.ambiguity())
         ambiguous = score > self.theta_as  # [N]
-        last = state.cycles_done == self.cycles - 1
+        last = cycle == self.cycles - 1
         prune, split = plan_cycle(ambiguous, num_seen, state.split_last, last, self.prune_unseen)
 
         params, optimizers, strategy_state = model.gauss_params, model.optimizers, model.strategy_state
@@ -270,7 +278,7 @@ class GitDensityControl:
         state.split_last = torch.arange(model.num_points, device=index.device) >= model.num_points - 2 * num_split
         stats = CycleStats(
             step=step,
-            cycle=state.cycles_done,
+            cycle=cycle,
             num_before=num_before,
             num_seen=int((num_seen > 0).sum()),
             num_ambiguous=int(ambiguous.sum()),
@@ -281,7 +289,6 @@ class GitDensityControl:
             num_split=num_split,
             num_after=model.num_points,
         )
-        state.cycles_done += 1
         state.history.append(stats)
         return stats
 
