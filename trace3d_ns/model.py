@@ -100,6 +100,9 @@ class Trace3DModel(SplatfactoModel):
         self.register_buffer("instance_labels", torch.zeros(0, dtype=torch.long), persistent=True)
         self.register_buffer("instance_confidence", torch.zeros(0), persistent=True)
         self.instance_traces = None  # the latest InstanceTraces (not checkpointed), for density control
+        from trace3d_ns.viewer_controls import InstanceViewerControls
+
+        self.viewer_controls = InstanceViewerControls(self)  # click selection, PCA, export (no state)
 
     def _initial_gaussians(self) -> Dict[str, Parameter]:
         """Gaussians at the seed points (coloured) or uniformly random in a cube, on the CPU."""
@@ -284,6 +287,13 @@ class Trace3DModel(SplatfactoModel):
             loss = contrastive_loss(features, labels.reshape(-1)[picked], self.config.contrastive_temperature)
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
+        """Splatfacto's outputs plus the viewer's `feature_pca`, `instance` and `selection` renders."""
+        outputs = super().get_outputs_for_camera(camera, obb_box)
+        outputs.update(self.viewer_controls.extra_outputs(camera.to(self.device), outputs))
+        return outputs
 
     # ---- evaluation ---------------------------------------------------------------------------
     def get_image_metrics_and_images(self, outputs, batch):
