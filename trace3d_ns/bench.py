@@ -33,7 +33,14 @@ def _trace(args: argparse.Namespace) -> Dict:
     return run_trace_benchmark(repeats=args.repeats)
 
 
+def _density(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.density import run_density_benchmark
+
+    return run_density_benchmark()
+
+
 BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
+    "density": _density,
     "raster": _raster,
     "masks": _masks,
     "export": _export,
