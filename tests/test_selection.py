@@ -16,8 +16,8 @@ def _two_cluster_model():
     with torch.no_grad():
         model.gauss_params["scales"].fill_(-3.0)
         model.gauss_params["opacities"].fill_(3.0)
-        model.gauss_params["features"][:150] = torch.tensor([0.3] + [0.0] * 15)
-        model.gauss_params["features"][150:] = torch.tensor([-0.3] + [0.0] * 15)
+        model.gauss_params["features"][:150] = torch.tensor([1.5] + [0.0] * 15)
+        model.gauss_params["features"][150:] = torch.tensor([-1.5] + [0.0] * 15)
     model.instance_labels = torch.cat([torch.full((150,), 1), torch.full((150,), 2)])
     model.eval()
     return model

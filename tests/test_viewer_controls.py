@@ -27,6 +27,7 @@ def _two_clusters(with_features: bool = True):
         centres = torch.zeros(300, 16)
         centres[:, 0] = torch.where(LEFT, 0.3, -0.3)
         model.gauss_params["features"].copy_(centres + 0.02 * torch.randn(300, 16, generator=g))
+    model.config.contrastive_temperature = 100.0  # the kernel width these clusters were built for
     if not with_features:
         del model.gauss_params["features"]
     model.eval()

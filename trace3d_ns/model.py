@@ -47,8 +47,11 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     """Weight of the contrastive loss on rendered features."""
     contrastive_samples: int = 4096
     """Labelled pixels sampled per step for the contrastive loss."""
-    contrastive_temperature: float = 100.0
-    """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss."""
+    contrastive_temperature: float = 1.0
+    """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss (also the selection kernel).
+    Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
+    is ~0 once each sample's nearest neighbours share its label); at tau = 1, 5 of 6 instances had their
+    nearest 10% of other-instance Gaussians beyond twice their own median spread."""
     feature_grad_to_geometry: bool = False
     """Whether the contrastive loss may move means, scales, rotations and opacities."""
     cpu_threads: int = 1
