@@ -154,7 +154,8 @@ def two_squares():
     from trace3d_ns.model import Trace3DModelConfig
 
     model = Trace3DModelConfig(num_random=10, sh_degree=0).setup(
-        scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=1, seed_points=None, device="cpu"
+        scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=1, seed_points=None,
+        device="cpu",
     )
     grid = torch.arange(15) * 0.04 - 0.28  # 15 x 15 centres filling [-0.3, 0.3]^2
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")
@@ -253,7 +254,8 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
 def test_cli_missing_config_is_one_line_exit_2(tmp_path):
     out = _cli("--load-config", tmp_path / "config.yml", "--gt", tmp_path, "--out", tmp_path / "m.json")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"trace3d-eval: error: config file {tmp_path / 'config.yml'} does not exist"]
+    expected = f"trace3d-eval: error: config file {tmp_path / 'config.yml'} does not exist"
+    assert out.stderr.strip().splitlines() == [expected]
 
 
 def test_cli_usage_errors_are_one_line(capsys):
@@ -275,7 +277,8 @@ def checkpoint(tmp_path_factory):
     from trace3d_ns.scene.generate import SceneSpec, generate_scene
 
     root = tmp_path_factory.mktemp("eval_cli")
-    scene = generate_scene(root / "scene", SceneSpec(num_objects=2, num_views=6, image_size=24, test_every=3, num_points=400))
+    spec = SceneSpec(num_objects=2, num_views=6, image_size=24, test_every=3, num_points=400)
+    scene = generate_scene(root / "scene", spec)
     config = trace3d_trainer_config()
     config.machine.device_type = "cpu"
     config.output_dir, config.experiment_name, config.timestamp = root / "outputs", "eval", "run"
@@ -332,8 +335,9 @@ def test_cli_on_an_ns_train_checkpoint(tmp_path):
     scene = generate_scene(tmp_path / "scene", SceneSpec(num_objects=3, num_views=10, image_size=48, num_points=1500,
                                                          test_every=5, sam_like_masks=True))
     train = subprocess.run(
-        [str(Path(sys.executable).parent / "ns-train"), "trace3d", "--data", str(scene), "--output-dir", str(tmp_path / "out"),
-         "--experiment-name", "e", "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
+        [str(Path(sys.executable).parent / "ns-train"), "trace3d", "--data", str(scene),
+         "--output-dir", str(tmp_path / "out"), "--experiment-name", "e", "--timestamp", "run",
+         "--machine.device-type", "cpu", "--vis", "tensorboard",
          "--max-num-iterations", "40", "--steps-per-save", "40", "--pipeline.model.num-downscales", "0",
          "--pipeline.model.feature-start-step", "20", "--pipeline.datamanager.mask-source", "folder",
          "--pipeline.datamanager.folder.directory", "sam_masks"],

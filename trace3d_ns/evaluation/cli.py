@@ -65,7 +65,9 @@ def _load_pipeline(config_path: Path):
     def check_checkpoint(config):
         ckpt_dir = config.get_checkpoint_dir()
         if not ckpt_dir.is_dir() or not any(ckpt_dir.glob("step-*.ckpt")):
-            raise EvaluationError(f"no checkpoint (step-*.ckpt) in {ckpt_dir} (relative paths resolve from the current directory)")
+            raise EvaluationError(
+                f"no checkpoint (step-*.ckpt) in {ckpt_dir} (relative paths resolve from the current directory)"
+            )
         return config
 
     _, pipeline, _, _ = eval_setup(config_path, test_mode="test", update_config_callback=check_checkpoint)
@@ -84,10 +86,11 @@ def summary(result: Dict) -> str:
         lines.append(f"{'object':>6}  {'reference view':<28} {'selected':>8}  {'IoU':>6}  {'PSNR':>6}  views")
         for oid, o in result["objects"].items():
             ref = o["reference_view"] or "-"
-            lines.append(f"{oid:>6}  {ref:<28} {o['num_selected']:>8}  {_fmt(o['iou']):>6}  {_fmt(o['psnr'], 2):>6}  {len(o['views'])}")
+            scores = f"{_fmt(o['iou']):>6}  {_fmt(o['psnr'], 2):>6}"
+            lines.append(f"{oid:>6}  {ref:<28} {o['num_selected']:>8}  {scores}  {len(o['views'])}")
         ext = result["object_extraction"]
-        lines.append(f"object extraction (a): mean IoU {_fmt(ext['mean_iou'])}, mean PSNR {_fmt(ext['mean_psnr'], 2)} dB "
-                     f"over {ext['num_objects']} objects")
+        lines.append(f"object extraction (a): mean IoU {_fmt(ext['mean_iou'])}, "
+                     f"mean PSNR {_fmt(ext['mean_psnr'], 2)} dB over {ext['num_objects']} objects")
         lines.append(f"novel-view segmentation (b): mIoU {_fmt(result['novel_view_segmentation']['miou'])}")
     fg = result["foreground"]
     lines.append(f"foreground (c, NVOS): mIoU {_fmt(fg['miou'])}, mAcc {_fmt(fg['macc'])}")

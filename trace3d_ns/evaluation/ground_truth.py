@@ -161,7 +161,8 @@ def require_matches(gt: GroundTruth, images: Sequence[Path], maps: Sequence[Opti
     """Raise if no image of `split` has ground truth, naming the file that was expected."""
     if images and all(m is None for m in maps):
         raise GroundTruthError(
-            f"no ground truth in {gt.folder} matches the {split} images (expected e.g. {gt.expected_example(images[0])})"
+            f"no ground truth in {gt.folder} matches the {split} images "
+            f"(expected e.g. {gt.expected_example(images[0])})"
         )
 
 

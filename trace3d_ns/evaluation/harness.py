@@ -133,17 +133,22 @@ def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance"]:
     if resolved == "feature" and not model.has_features:
         raise EvaluationError("--mode feature needs a model with a feature field (feature_dim > 0)")
     if resolved == "instance" and not has_labels:
-        raise EvaluationError("--mode instance needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)")
+        raise EvaluationError(
+            "--mode instance needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)"
+        )
     return resolved
 
 
-def select(model, train: Sequence[View], reference: Optional[int], masks: Sequence[np.ndarray], count: int, settings: Settings) -> Selected:
+def select(
+    model, train: Sequence[View], reference: Optional[int], masks: Sequence[np.ndarray], count: int, settings: Settings
+) -> Selected:
     """Union of the selections from `count` prompt points in `masks[reference]` on training view `reference`."""
     empty = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
     if reference is None:
         return Selected(None, [], empty, ["no training view shows it"])
     prompts = prompt_points(masks[reference], count)
-    chosen = Selected(reference, prompts, empty, [] if prompts else [f"not visible in reference view {train[reference].name}"])
+    notes = [] if prompts else [f"not visible in reference view {train[reference].name}"]
+    chosen = Selected(reference, prompts, empty, notes)
     for p in prompts:
         try:
             picked = select_from_point(model, train[reference].camera, (p.x, p.y), settings.mode, settings.threshold)
@@ -230,7 +235,9 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
         has_objects: True for instance-id GT (objects and foreground), False for foreground-only GT.
     """
     if settings.reference_view is not None and not 0 <= settings.reference_view < len(train):
-        raise EvaluationError(f"--reference-view {settings.reference_view} is not a training view index (0..{len(train) - 1})")
+        raise EvaluationError(
+            f"--reference-view {settings.reference_view} is not a training view index (0..{len(train) - 1})"
+        )
     resolved = resolve_mode(model, settings.mode)
     settings = replace(settings, mode=resolved)
 
@@ -262,8 +269,14 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
             "mean_psnr": _mean([o["psnr"] for o in scored]),
             "not_in_test_views": [k for k, o in objects.items() if not o["views"]],
         }
-        result["novel_view_segmentation"] = {"miou": result["object_extraction"]["mean_iou"], "num_objects": len(scored)}
-        result["foreground"] = {"selection": "union of the object selections", **evaluate_foreground(model, union, test)}
+        result["novel_view_segmentation"] = {
+            "miou": result["object_extraction"]["mean_iou"],
+            "num_objects": len(scored),
+        }
+        result["foreground"] = {
+            "selection": "union of the object selections",
+            **evaluate_foreground(model, union, test),
+        }
     else:
         masks = [v.gt > 0 for v in train]
         sel = select(model, train, ref(masks), masks, settings.points, settings)
