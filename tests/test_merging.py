@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from trace3d_ns.git.merging import MergeConfig, consistent_instances, constrained_links, render_label_map, union_find
-from trace3d_ns.git.tracing import InstanceTraces, TraceAccumulator
+from trace3d_ns.git.tracing import TraceAccumulator
 from trace3d_ns.rendering import Contributions
 
 # Three objects of 20 Gaussians each.

@@ -25,7 +25,6 @@ from nerfstudio.models.splatfacto import (
     random_quat_tensor,
 )
 from nerfstudio.utils.colors import get_color
-from nerfstudio.utils.rich_utils import CONSOLE
 from trace3d_ns.data.patches import downscale_patches
 from trace3d_ns.device import require_device
 from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels

@@ -24,7 +24,6 @@ Choosing the mask source on the command line::
 
 from __future__ import annotations
 
-import os
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ import torch
 
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
-from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from trace3d_ns.device import require_device
