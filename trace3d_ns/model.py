@@ -210,15 +210,18 @@ class Trace3DModel(SplatfactoModel):
             **({"features": pick(self.gauss_params["features"])} if self.has_features else {}),
         }
 
-    def camera_matrices(self, camera: Cameras) -> tuple[Tensor, Tensor, int, int]:
-        """(viewmat [1, 4, 4], K [1, 3, 3], W, H) at the current training resolution."""
-        c2w = self.camera_optimizer.apply_to_camera(camera) if self.training else camera.camera_to_worlds
-        scale = self._get_downscale_factor()
+    def camera_matrices(self, camera: Cameras, as_given: bool = False) -> tuple[Tensor, Tensor, int, int]:
+        """(viewmat [1, 4, 4], K [1, 3, 3], W, H) at the current training resolution, with the camera
+        optimizer's correction while training; `as_given`: the camera's own pose and full resolution."""
+        camera = camera.to(self.device)
+        refine = self.training and not as_given
+        c2w = self.camera_optimizer.apply_to_camera(camera) if refine else camera.camera_to_worlds
+        scale = self._get_downscale_factor() if refine else 1
         camera.rescale_output_resolution(1 / scale)
-        K = camera.get_intrinsics_matrices().to(self.device)
+        K = camera.get_intrinsics_matrices().reshape(-1, 3, 3)
         W, H = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(scale)
-        return get_viewmat(c2w).to(self.device), K, W, H
+        return get_viewmat(c2w), K, W, H
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
         if not isinstance(camera, Cameras):

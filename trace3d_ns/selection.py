@@ -33,11 +33,7 @@ def camera_contributions(model, camera) -> Contributions:
 
 def full_resolution_matrices(model, camera) -> Tuple[Tensor, Tensor, int, int]:
     """(viewmat [1, 4, 4], K [1, 3, 3], W, H) of the camera as given, without training downscale."""
-    from nerfstudio.models.splatfacto import get_viewmat
-
-    camera = camera.to(model.device)
-    K = camera.get_intrinsics_matrices().reshape(1, 3, 3)
-    return get_viewmat(camera.camera_to_worlds).to(model.device), K, int(camera.width.item()), int(camera.height.item())
+    return model.camera_matrices(camera, as_given=True)
 
 
 def _pixel_index(xy: Tuple[float, float], width: int, height: int) -> int:
