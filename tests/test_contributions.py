@@ -99,3 +99,20 @@ def test_footprint_enumeration_equals_tile_sweep():
     )
     assert sweep[0].numel() > 10 * W * H
     assert torch.equal(sweep[0], fast[0]) and torch.equal(sweep[1], fast[1])
+
+
+def test_fused_weights_equal_recomputed_pair_weights():
+    # The no-grad trace path takes alpha * T from the cut-off pass; its twin is `pair_weights`.
+    from trace3d_ns.cuda.rasterization import pair_weights
+    from trace3d_ns.cuda.tiles import contributing_pairs
+
+    (means, quats, scales, opac, _), view, K = _scene(seed=5, n=3000)  # dense: many pixels saturate
+    proj = project_gaussians(means, quats, scales, view[None], K[None], W, H)
+    args = (proj.means2d[0], proj.conics[0], opac, proj.radii[0], proj.depths[0], W, H, 16)
+    gids, pids = contributing_pairs(*args, max_candidates=5000)
+    g2, p2, w = contributing_pairs(*args, max_candidates=5000, return_weights=True)
+    assert torch.equal(gids, g2) and torch.equal(pids, p2) and w.dtype == torch.float32
+    ref = pair_weights(gids, pids, proj.means2d[0][gids], proj.conics[0], opac, W)
+    torch.testing.assert_close(w, ref, atol=1e-7, rtol=1e-5)
+    saturated = torch.zeros(W * H).index_add_(0, pids, w)
+    assert saturated.max() > 0.999  # the transmittance cut-off is exercised

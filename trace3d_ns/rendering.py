@@ -140,6 +140,9 @@ def contributions(
     else:
         from trace3d_ns.cuda.tiles import contributing_pairs
 
-        gids, pids = contributing_pairs(means2d[0], conics[0], opac[0], radii[0], depths[0], width, height, tile_size)
+        gids, pids, weights = contributing_pairs(
+            means2d[0], conics[0], opac[0], radii[0], depths[0], width, height, tile_size, return_weights=True
+        )  # weights from the cut-off pass itself: no second alpha / transmittance pass
+        return Contributions(gids, pids, weights.float(), width, height)
     weights = pair_weights(gids, pids, means2d[0][gids], conics[0], opac[0], width)
     return Contributions(gids, pids, weights.float(), width, height)

@@ -169,14 +169,26 @@ def contributing_pairs_tile_sweep(
 def _before_saturation(alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None) -> Tensor:
     """Mask of the pairs composited before a pixel's transmittance would drop to <= 1e-4
     (compared in log space: log T after the pair > log 1e-4)."""
+    return _saturation_and_transmittance(alpha, pixel_ids, initial_transmittance)[0]
+
+
+def _saturation_and_transmittance(
+    alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """(mask of `_before_saturation`, log T before each pair [P] float64): the same exclusive
+    prefix as `exclusive_transmittance`, so alpha * exp(log T) is the compositing weight."""
     if alpha.numel() == 0:
-        return torch.zeros_like(alpha, dtype=torch.bool)
+        return torch.zeros_like(alpha, dtype=torch.bool), alpha.double()
     log_keep = torch.log1p(-alpha.double())  # [P]
     after = torch.cumsum(log_keep, 0)  # [P] inclusive prefix over all pairs
-    log_t_after = after - (after - log_keep)[segment_starts(pixel_ids)]
+    before = after - log_keep  # [P] exclusive prefix
+    start = before[segment_starts(pixel_ids)]  # [P]
+    log_t_after = after - start
+    log_t_before = before - start
     if initial_transmittance is not None:
-        log_t_after = log_t_after + torch.log(initial_transmittance[pixel_ids].double())
-    return log_t_after > math.log(TRANSMITTANCE_MIN)
+        log_t0 = torch.log(initial_transmittance[pixel_ids].double())
+        log_t_after, log_t_before = log_t_after + log_t0, log_t_before + log_t0
+    return log_t_after > math.log(TRANSMITTANCE_MIN), log_t_before
 
 
 @torch.no_grad()
@@ -190,8 +202,14 @@ def contributing_pairs(
     height: int,
     tile_size: int,
     max_candidates: int = 1 << 23,
-) -> tuple[Tensor, Tensor]:
+    return_weights: bool = False,
+) -> tuple[Tensor, ...]:
     """Same output as `contributing_pairs_tile_sweep`, found faster.
+
+    With `return_weights`, also the blending weight alpha * T [P] float32 of every pair, from the
+    alpha and transmittance already computed for the cut-offs (what `pair_weights` recomputes
+    differentiably; equal up to float rounding of the running log-sum), for the no-grad callers
+    (Gaussian Instance Tracing).
 
     Instead of every pixel of every intersected tile, each Gaussian is tested only on the pixels
     of its own footprint: the disc where alpha can still reach 1/255 (|d|^2 <= 2 ln(255 o) lambda_max),
@@ -246,10 +264,14 @@ def contributing_pairs(
         start_g = stop_g
     if not keep_rank:
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
+        return (empty, empty, means2d.new_zeros(0)) if return_weights else (empty, empty)
     rank, pix, alpha = torch.cat(keep_rank), torch.cat(keep_pix), torch.cat(keep_alpha)
     # candidates are in depth-rank order, so a stable sort by pixel keeps each pixel's list front to back
     pix, by_pixel = torch.sort(pix, stable=True)
     rank, alpha = rank[by_pixel], alpha[by_pixel]
-    used = _before_saturation(alpha, pix)
-    return order[rank[used]], pix[used].long()
+    if not return_weights:
+        used = _before_saturation(alpha, pix)
+        return order[rank[used]], pix[used].long()
+    used, log_t = _saturation_and_transmittance(alpha, pix)
+    weights = alpha[used] * torch.exp(log_t[used]).to(alpha.dtype)
+    return order[rank[used]], pix[used].long(), weights
