@@ -24,7 +24,9 @@ from trace3d_ns.evaluation.harness import (
     render_subset_rgb,
     resolve_mode,
     silhouette,
+    visible_silhouette,
 )
+from trace3d_ns.selection import camera_contributions
 
 # ---- prompts -------------------------------------------------------------------------------------
 
@@ -191,7 +193,8 @@ def test_point_on_one_object_selects_exactly_it(two_squares):
         assert view.gt[p["y"], p["x"]] == int(oid)
         assert o["iou"] > 0.8  # rendered square vs its analytic projection (soft edges cost a little)
         assert o["psnr"] > 17
-    assert result["novel_view_segmentation"]["miou"] == pytest.approx(result["object_extraction"]["mean_iou"])
+        assert o["iou_visible"] == pytest.approx(o["iou"], abs=0.02)  # nothing occludes the squares
+    assert result["novel_view_segmentation"]["miou"] == pytest.approx(result["object_extraction"]["mean_iou_visible"])
     assert result["foreground"]["miou"] > 0.8 and result["foreground"]["macc"] > 0.95
 
 
@@ -200,6 +203,27 @@ def test_selection_does_not_leak_to_the_other_object(two_squares):
     red = torch.arange(450) < 225
     pred = silhouette(model, view.camera, red)
     assert pred[view.gt == 1].mean() > 0.95 and not pred[view.gt == 2].any()
+
+
+def test_visible_silhouette_leaves_out_what_an_occluder_hides(two_squares):
+    model, view = two_squares
+    means = model.gauss_params["means"].data
+    red = torch.arange(450) < 225
+    original = means.clone()
+    means[~red] += torch.tensor([-0.6, 0.0, 0.5])  # blue square moved in front of red's right half
+    try:
+        scene = camera_contributions(model, view.camera)
+        alone = silhouette(model, view.camera, red)
+        red_visible, blue_visible = visible_silhouette(scene, red), visible_silhouette(scene, ~red)
+        modal_gt = (view.gt == 1) & ~blue_visible
+        gt_view = View(view.name, view.camera, modal_gt.astype(np.int64), view.image)
+        scores = evaluate(model, [gt_view], [gt_view], has_objects=True, settings=Settings())["objects"]["1"]
+    finally:
+        means.copy_(original)
+    assert (alone & blue_visible).sum() > 0.3 * alone.sum()  # the amodal silhouette covers the hidden part
+    assert not (red_visible & blue_visible).any()
+    assert (red_visible == (alone & ~blue_visible)).mean() > 0.98
+    assert scores["iou_visible"] > 0.8 and scores["iou"] < scores["iou_visible"] - 0.2
 
 
 def test_wrong_selection_scores_low(two_squares):

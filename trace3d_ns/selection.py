@@ -97,6 +97,16 @@ def select_from_point(
 
 
 @torch.no_grad()
+def subset_share(contrib: Contributions, mask: Tensor) -> Tensor:
+    """The selected Gaussians' share of each pixel's composite, from the whole scene's contributions
+    (occluders included): sum of their alpha * T. Its silhouette is the selection's visible part. [H, W]"""
+    keep = mask[contrib.gaussian_ids]
+    share = torch.zeros(contrib.height * contrib.width, device=contrib.weights.device)
+    share.index_add_(0, contrib.pixel_ids[keep].long(), contrib.weights[keep])
+    return share.view(contrib.height, contrib.width)
+
+
+@torch.no_grad()
 def render_subset_alpha(model, camera, mask: Tensor) -> Tensor:
     """Accumulated alpha of the selected Gaussians rendered alone, full resolution. [H, W]"""
     viewmat, K, W, H = full_resolution_matrices(model, camera)

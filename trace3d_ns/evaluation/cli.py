@@ -83,13 +83,13 @@ def summary(result: Dict) -> str:
     lines: List[str] = [f"trace3d-eval  mode={result['mode']}  threshold={result['threshold']}  "
                         f"gaussians={result['num_gaussians']}  test views={len(result['test_views'])}"]
     if "objects" in result:
-        lines.append(f"{'object':>6}  {'reference view':<28} {'selected':>8}  {'IoU':>6}  {'PSNR':>6}  views")
+        lines.append(f"{'object':>6}  {'reference view':<28} {'selected':>8}  {'IoU':>6}  {'vis.IoU':>7}  {'PSNR':>6}  views")
         for oid, o in result["objects"].items():
             ref = o["reference_view"] or "-"
-            scores = f"{_fmt(o['iou']):>6}  {_fmt(o['psnr'], 2):>6}"
+            scores = f"{_fmt(o['iou']):>6}  {_fmt(o['iou_visible']):>7}  {_fmt(o['psnr'], 2):>6}"
             lines.append(f"{oid:>6}  {ref:<28} {o['num_selected']:>8}  {scores}  {len(o['views'])}")
         ext = result["object_extraction"]
-        lines.append(f"object extraction (a): mean IoU {_fmt(ext['mean_iou'])}, "
+        lines.append(f"object extraction (a): mean IoU {_fmt(ext['mean_iou'])} alone, {_fmt(ext['mean_iou_visible'])} visible, "
                      f"mean PSNR {_fmt(ext['mean_psnr'], 2)} dB over {ext['num_objects']} objects")
         lines.append(f"novel-view segmentation (b): mIoU {_fmt(result['novel_view_segmentation']['miou'])}")
     fg = result["foreground"]

@@ -12,21 +12,25 @@ Definitions (all pixels are at the camera's full resolution; masks are boolean [
   truth gets ``points`` points (default 3) and the union of their selections.
 - **Selection**: ``selection.select_from_point`` at each point on the reference view (union). A
   point where nothing is rendered selects nothing (the reason is recorded).
-- **Predicted silhouette** on a test view: ``render_subset_alpha(selection) > 0.5``. It is the
-  selection rendered alone, so occluders are absent (amodal), while the GT masks are the visible
-  (modal) parts.
+- **Predicted silhouettes** on a test view: *alone* (amodal) = ``render_subset_alpha(selection) > 0.5``,
+  the selection rendered without the rest of the scene, so occluded parts count; *visible* (modal) =
+  ``subset_share(selection) > 0.5``, the selection's share of the full render's alpha * T, so
+  occluders in front of it hide it as they do in the image. The GT masks are visible (modal) parts.
 - **Object extraction (a)**: per object and test view where the object is visible in the GT,
-  silhouette IoU with the GT mask, and PSNR inside the GT mask's box padded by 10 px between
-  (pred) the selected Gaussians' RGB rendered alone over black (colour composited over a black
-  background: the premultiplied render) and (GT) the test image with every pixel outside the GT mask
-  set to black. Per object: means over those views; then means over the objects. (A perfect,
-  infinite PSNR would be recorded as null and left out of the means.)
-- **Novel-view 2D segmentation (b)**: the same per-view predicted silhouettes; mIoU = mean over GT
-  objects of the object's mean IoU over the test views where it is visible. (It therefore equals
-  (a)'s mean IoU; an object that cannot be prompted scores 0.)
-- **Foreground (c)**: prediction = silhouette of the union selection; NVOS mIoU = TP/(TP+FP+FN) and
-  mAcc = (TP+TN)/pixels per test view, averaged over the test views. With instance ground truth the
-  foreground is every object (id > 0) and the selection is the union of the objects' selections.
+  ``iou`` = IoU of the alone silhouette with the GT mask (3D extraction; a view where another
+  object hides part of it costs IoU, the authors skip such views), ``iou_visible`` = IoU of the
+  visible silhouette, and PSNR inside the GT mask's box padded by 10 px between (pred) the selected
+  Gaussians' RGB rendered alone over black (colour composited over a black background: the
+  premultiplied render) and (GT) the test image with every pixel outside the GT mask set to black.
+  Per object: means over those views; then means over the objects. (A perfect, infinite PSNR
+  would be recorded as null and left out of the means.)
+- **Novel-view 2D segmentation (b)**: mIoU = mean over GT objects of the object's mean
+  ``iou_visible`` over the test views where it is visible (an object that cannot be prompted
+  scores 0).
+- **Foreground (c)**: prediction = visible silhouette of the union selection; NVOS mIoU =
+  TP/(TP+FP+FN) and mAcc = (TP+TN)/pixels per test view, averaged over the test views. With
+  instance ground truth the foreground is every object (id > 0) and the selection is the union of
+  the objects' selections.
 """
 
 from __future__ import annotations
@@ -43,7 +47,15 @@ from torch import Tensor
 from trace3d_ns.evaluation.ground_truth import View
 from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
 from trace3d_ns.rendering import rasterize
-from trace3d_ns.selection import SelectionMode, full_resolution_matrices, render_subset_alpha, select_from_point
+from trace3d_ns.rendering import Contributions
+from trace3d_ns.selection import (
+    SelectionMode,
+    camera_contributions,
+    full_resolution_matrices,
+    render_subset_alpha,
+    select_from_point,
+    subset_share,
+)
 
 SILHOUETTE_THRESHOLD = 0.5
 """A pixel belongs to the predicted silhouette when the selection's accumulated alpha exceeds this."""
@@ -180,8 +192,13 @@ def render_subset_rgb(model, camera, mask: Tensor) -> Tensor:
 
 
 def silhouette(model, camera, mask: Tensor) -> np.ndarray:
-    """Predicted silhouette of a selection: its accumulated alpha > 0.5. [H, W] bool"""
+    """Silhouette of a selection rendered alone (amodal): its accumulated alpha > 0.5. [H, W] bool"""
     return (render_subset_alpha(model, camera, mask) > SILHOUETTE_THRESHOLD).cpu().numpy()
+
+
+def visible_silhouette(scene: Contributions, mask: Tensor) -> np.ndarray:
+    """Visible (modal) silhouette of a selection: its share of the whole scene's render > 0.5. [H, W] bool"""
+    return (subset_share(scene, mask) > SILHOUETTE_THRESHOLD).cpu().numpy()
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -200,23 +217,36 @@ def _selection_record(sel: Selected, train: Sequence[View]) -> Dict:
     }
 
 
-def evaluate_object(model, sel: Selected, object_id: int, test: Sequence[View]) -> Dict[str, Dict[str, float]]:
-    """Silhouette IoU and padded-box PSNR of one selection on each test view showing `object_id`."""
+def scene_contributions(model, views: Sequence[View]) -> Dict[str, Contributions]:
+    """Each view's whole-scene contributions (for visible silhouettes), by view name."""
+    return {v.name: camera_contributions(model, v.camera) for v in views}
+
+
+def evaluate_object(
+    model, sel: Selected, object_id: int, test: Sequence[View], scenes: Dict[str, Contributions]
+) -> Dict[str, Dict[str, float]]:
+    """Silhouette IoUs (alone, visible) and padded-box PSNR of one selection on each test view
+    showing `object_id`; `scenes` from `scene_contributions`."""
     per_view = {}
     for view in test:
         gt = view.gt == object_id  # [H, W]
         if not gt.any():
             continue
-        pred = silhouette(model, view.camera, sel.mask)
+        alone = silhouette(model, view.camera, sel.mask)
+        visible = visible_silhouette(scenes[view.name], sel.mask)
         rgb = render_subset_rgb(model, view.camera, sel.mask)
         psnr = box_psnr(rgb, view.image, gt, pad=BOX_PAD, background=BACKGROUND)
-        per_view[view.name] = {"iou": mask_iou(pred, gt), "psnr": psnr if math.isfinite(psnr) else None}
+        per_view[view.name] = {
+            "iou": mask_iou(alone, gt),
+            "iou_visible": mask_iou(visible, gt),
+            "psnr": psnr if math.isfinite(psnr) else None,
+        }
     return per_view
 
 
-def evaluate_foreground(model, selection: Tensor, test: Sequence[View]) -> Dict:
-    """NVOS mIoU / mAcc of the selection's silhouettes against GT foreground (label > 0)."""
-    preds = [silhouette(model, v.camera, selection) for v in test]
+def evaluate_foreground(selection: Tensor, test: Sequence[View], scenes: Dict[str, Contributions]) -> Dict:
+    """NVOS mIoU / mAcc of the selection's visible silhouettes against GT foreground (label > 0)."""
+    preds = [visible_silhouette(scenes[v.name], selection) for v in test]
     scores = nvos_metrics(preds, [v.gt > 0 for v in test])
     return {
         "miou": scores["miou"],
@@ -246,6 +276,7 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
 
     result: Dict = {"mode": resolved, "threshold": settings.threshold, "num_gaussians": model.num_points}
     result["test_views"] = [v.name for v in test]
+    scenes = scene_contributions(model, test)
     if has_objects:
         ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0})
         union = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
@@ -254,11 +285,12 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
             masks = [v.gt == object_id for v in train]
             sel = select(model, train, ref(masks), masks, 1, settings)
             union |= sel.mask
-            per_view = evaluate_object(model, sel, object_id, test)
+            per_view = evaluate_object(model, sel, object_id, test, scenes)
             objects[str(object_id)] = {
                 **_selection_record(sel, train),
                 "views": per_view,
                 "iou": _mean([s["iou"] for s in per_view.values()]),
+                "iou_visible": _mean([s["iou_visible"] for s in per_view.values()]),
                 "psnr": _mean([s["psnr"] for s in per_view.values()]),
             }
         scored = [o for o in objects.values() if o["views"]]
@@ -266,19 +298,20 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
         result["object_extraction"] = {
             "num_objects": len(scored),
             "mean_iou": _mean([o["iou"] for o in scored]),
+            "mean_iou_visible": _mean([o["iou_visible"] for o in scored]),
             "mean_psnr": _mean([o["psnr"] for o in scored]),
             "not_in_test_views": [k for k, o in objects.items() if not o["views"]],
         }
         result["novel_view_segmentation"] = {
-            "miou": result["object_extraction"]["mean_iou"],
+            "miou": result["object_extraction"]["mean_iou_visible"],
             "num_objects": len(scored),
         }
         result["foreground"] = {
             "selection": "union of the object selections",
-            **evaluate_foreground(model, union, test),
+            **evaluate_foreground(union, test, scenes),
         }
     else:
         masks = [v.gt > 0 for v in train]
         sel = select(model, train, ref(masks), masks, settings.points, settings)
-        result["foreground"] = {**_selection_record(sel, train), **evaluate_foreground(model, sel.mask, test)}
+        result["foreground"] = {**_selection_record(sel, train), **evaluate_foreground(sel.mask, test, scenes)}
     return result
