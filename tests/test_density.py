@@ -206,7 +206,8 @@ def test_cycles_on_a_training_pipeline(trained):
     assert first.num_after == model.num_points == first.num_before + first.num_split
     _check_consistent(model)
     n, k = model.num_points, first.num_split
-    assert state.split_last.sum() == 2 * k and state.split_last[n - 2 * k :].all()
+    children = model.density_children
+    assert children.sum() == 2 * k and children[n - 2 * k :].all()
     assert torch.equal(model.instance_labels[n - 2 * k : n - k], model.instance_labels[n - k :])  # both children
     traces = model.instance_traces
     torch.testing.assert_close(traces.index_select(torch.arange(n - 2 * k, n - k)).obs_weight,
@@ -222,7 +223,7 @@ def test_cycles_on_a_training_pipeline(trained):
 
     last = control.run_cycle(pipeline, state, step=14)
     assert last.num_split == 0 and last.num_after == last.num_before - last.num_pruned
-    assert not state.split_last.any()
+    assert not model.density_children.any()
     _check_consistent(model)
     _train_step(pipeline, optimizers, step=15)
     assert all(torch.isfinite(p).all() for p in model.gauss_params.values())
@@ -244,12 +245,18 @@ def test_checkpoint_after_density_control_loads(trained):
 
     root, config, pipeline, _ = trained
     n = pipeline.model.num_points
+    children = torch.arange(n) % 3 == 0  # as if a cycle had just split: the next one must see them
+    pipeline.model.density_children = children
     config_path = _save_run(root, config, pipeline)
     _, loaded, _, step = eval_setup(config_path, test_mode="test")  # what ns-viewer does
     model = loaded.model
     assert step == 15 and model.num_points == n
     torch.testing.assert_close(model.means, pipeline.model.means)
     assert torch.equal(model.instance_labels.cpu(), pipeline.model.instance_labels.cpu())
+    assert torch.equal(model.density_children.cpu(), children)
+    older = {k: v for k, v in pipeline.model.state_dict().items() if k != "density_children"}
+    model.load_state_dict(older)  # a checkpoint from before the buffer existed
+    assert model.density_children.numel() == 0 and model.num_points == n
     camera = loaded.datamanager.eval_dataset.cameras[0:1]
     with torch.no_grad():
         outputs = model.get_outputs_for_camera(camera)

@@ -101,6 +101,9 @@ class Trace3DModel(SplatfactoModel):
         self.feature_pca = FeaturePCA()
         self.register_buffer("instance_labels", torch.zeros(0, dtype=torch.long), persistent=True)
         self.register_buffer("instance_confidence", torch.zeros(0), persistent=True)
+        # [N] bool: children of the last GIT density control split, checked (pruned if still
+        # ambiguous) by the next cycle; in the checkpoint so a resumed run checks them too
+        self.register_buffer("density_children", torch.zeros(0, dtype=torch.bool), persistent=True)
         self.instance_traces = None  # the latest InstanceTraces (not checkpointed), for density control
         from trace3d_ns.viewer_controls import InstanceViewerControls
 
@@ -163,14 +166,17 @@ class Trace3DModel(SplatfactoModel):
     def has_features(self) -> bool:
         return "features" in self.gauss_params
 
-    PER_GAUSSIAN_BUFFERS = ("instance_labels", "instance_confidence")
+    PER_GAUSSIAN_BUFFERS = ("instance_labels", "instance_confidence", "density_children")
+    """Buffers with one row per Gaussian (or empty): resized on load, carried through densification."""
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
-        # splatfacto resizes gauss_params (features included) to the checkpoint; per-Gaussian buffers too
+        # splatfacto resizes gauss_params (features included) to the checkpoint; per-Gaussian buffers
+        # too (a checkpoint from before a buffer existed loads it empty)
+        state_dict = dict(state_dict)
         for name in self.PER_GAUSSIAN_BUFFERS:
-            saved = state_dict.get(name)
             like = getattr(self, name)
-            setattr(self, name, torch.zeros(saved.shape if saved is not None else (0,), dtype=like.dtype, device=self.device))
+            saved = state_dict.setdefault(name, torch.zeros(0, dtype=like.dtype))
+            setattr(self, name, torch.zeros(saved.shape, dtype=like.dtype, device=self.device))
         return super().load_state_dict(state_dict, **kwargs)
 
     # ---- instances ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ Policy (:class:`GitDensityControl`, state in :class:`DensityControlState`). Cycl
    final model keeps no children that were never checked.
 
 After each cycle the model's per-Gaussian buffers (``instance_labels``, ``instance_confidence``)
+and ``density_children`` (the new children, kept in checkpoints for the next cycle)
 and ``instance_traces`` are indexed like the Gaussians (children inherit their parent's rows
 until the next cycle re-traces) and so is the strategy state (``grad2d``, ``count``, ``radii``).
 
@@ -193,9 +194,6 @@ class DensityControlState:
 
     generator: torch.Generator
     """Draws the children's means."""
-    split_last: Optional[Tensor] = None
-    """[N] bool: the children made by the previous cycle (None before the first cycle; not
-    checkpointed, so the first cycle after resuming a run prunes nothing)."""
     history: List[CycleStats] = field(default_factory=list)
 
 
@@ -254,10 +252,13 @@ class GitDensityControl:
         """The cycle of ``step`` on a training ``Trace3DPipeline`` (its model's ``optimizers`` set by training)."""
         cycle = self.cycle_at(step)
         model = pipeline.model
-        if state.split_last is not None and state.split_last.shape[0] != model.num_points:
+        split_last = model.density_children  # [N] bool, or empty before the first split
+        if split_last.numel() == 0:
+            split_last = None
+        elif split_last.shape[0] != model.num_points:
             raise RuntimeError(
                 f"density control: {model.num_points} Gaussians, but the previous cycle left "
-                f"{state.split_last.shape[0]}; something else changed them between cycles"
+                f"{split_last.shape[0]}; something else changed them between cycles"
             )
         num_before = model.num_points
         result = pipeline.run_instance_tracing(step=step)
@@ -265,7 +266,7 @@ class GitDensityControl:
         score, num_seen = ambiguity_scores(traces.remap_patches(result.patch_to_global), self.ambiguity())
         ambiguous = score > self.theta_as  # [N]
         last = cycle == self.cycles - 1
-        prune, split = plan_cycle(ambiguous, num_seen, state.split_last, last, self.prune_unseen)
+        prune, split = plan_cycle(ambiguous, num_seen, split_last, last, self.prune_unseen)
 
         params, optimizers, strategy_state = model.gauss_params, model.optimizers, model.strategy_state
         keep = prune_gaussians(params, optimizers, strategy_state, prune)  # [N - pruned]
@@ -273,9 +274,9 @@ class GitDensityControl:
         index = keep[children]  # [N'] source row in the traced model
         model.set_instances(model.instance_labels[index], model.instance_confidence[index], traces.index_select(index))
 
-        previous = state.split_last if state.split_last is not None else torch.zeros_like(ambiguous)
+        previous = split_last if split_last is not None else torch.zeros_like(ambiguous)
         num_split = int(split.sum())
-        state.split_last = torch.arange(model.num_points, device=index.device) >= model.num_points - 2 * num_split
+        model.density_children = torch.arange(model.num_points, device=index.device) >= model.num_points - 2 * num_split
         stats = CycleStats(
             step=step,
             cycle=cycle,
