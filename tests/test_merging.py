@@ -99,10 +99,10 @@ def test_pairs_similarity_is_the_paper_mean_over_pairs():
     # A patch half of whose Gaussians agree with the other's in every view: mean <W, W> = 0.5, not > 0.5.
     mixed = [list(A)[:5] + list(A)[10:15], list(A)[5:10] + list(A)[15:]]
     views = [[list(A)[:10], list(A)[10:]]] + [mixed for _ in range(4)]
-    for similarity in ("pairs", "views"):
-        result = _run(views, MergeConfig(min_traced=3, similarity=similarity))
+    for similarity in ("pairs", "views"):  # the merge decision itself: merged-component ids, no vote
+        result = _run(views, MergeConfig(min_traced=3, similarity=similarity, patch_ids="merged"))
         assert result.patch_to_global[0][1] != result.patch_to_global[0][2]
-        result = _run(views, MergeConfig(min_traced=3, similarity=similarity, merge_threshold=0.45))
+        result = _run(views, MergeConfig(min_traced=3, similarity=similarity, merge_threshold=0.45, patch_ids="merged"))
         assert result.patch_to_global[0][1] == result.patch_to_global[0][2]
 
 
@@ -132,3 +132,53 @@ def test_render_label_map_takes_the_heaviest_label():
     labels = torch.tensor([4, 7, 7])
     assert render_label_map(contrib, labels, min_alpha=0.0).tolist() == [[7, 7, 0]]  # 0.6 beats 0.5; pixel 2 empty
     assert render_label_map(contrib, labels).tolist() == [[7, 0, 0]]  # pixel 1 is too faint (alpha 0.3 < 0.5)
+
+
+def test_bridging_segment_in_one_view_does_not_fuse_objects_kept_apart_elsewhere():
+    # View 1 has one segment over B and C (SAM merged them); view 2 has one over A and B. Every other
+    # view keeps A, B and C apart: the bridges must not chain A, B, C into one instance.
+    views = [_whole() for _ in range(6)]
+    views[1] = [list(A), list(B) + list(C)]
+    views[2] = [list(A) + list(B), list(C)]
+    result = _run(views)
+    labels = result.gaussian_labels
+    ids = [int(labels[list(obj)].mode().values) for obj in (A, B, C)]
+    assert len(set(ids)) == 3 and 0 not in ids
+    for obj, i in zip((A, B, C), ids):
+        assert torch.all(labels[list(obj)] == i)
+    for v in (0, 3, 4, 5):
+        assert result.patch_to_global[v][1:].tolist() == ids
+    # The bridging patches take one of their objects' ids and are marked impure (half their Gaussians).
+    assert int(result.patch_to_global[1][2]) in ids[1:] and float(result.patch_purity[1][2]) == 0.5
+    assert float(result.patch_purity[0][1]) == 1.0
+
+
+def test_patch_takes_the_id_its_gaussians_carry():
+    # With merged-component ids a patch keeps its component's id; with votes, the label its traced
+    # Gaussians carry. Here they agree on clean data, and both keep distinct objects apart.
+    for patch_ids in ("merged", "vote"):
+        result = _run([_whole() for _ in range(4)], MergeConfig(min_traced=3, patch_ids=patch_ids))
+        lut = result.patch_to_global[0]
+        assert len(set(lut[1:].tolist())) == 3
+        labels = result.gaussian_labels
+        for k, obj in enumerate((A, B, C)):
+            assert torch.all(labels[list(obj)] == lut[k + 1])
+
+
+def test_refine_maps_splits_impure_patches_and_fills_unmasked_pixels():
+    # Three pixels: pixel 0 in patch 1 (pure), pixels 1 and 2 in patch 2 (impure), pixel 3 in patch 0.
+    from trace3d_ns.git.merging import ConsistentInstances, MergeStats, refine_maps
+
+    stats = MergeStats(0, 0, 0, 0, 0, 0)
+    labels = torch.tensor([5, 6, 7, 8])  # Gaussian g is drawn alone at pixel g
+    result = ConsistentInstances(
+        maps=[torch.tensor([[1, 2, 2, 0]], dtype=torch.int32)],
+        patch_to_global=[torch.tensor([0, 1, 2])],
+        patch_purity=[torch.tensor([0.0, 1.0, 0.5])],
+        gaussian_labels=labels, gaussian_confidence=torch.ones(4), stats=stats,
+    )
+    contrib = Contributions(torch.arange(4), torch.arange(4), torch.ones(4), 4, 1)
+    patch_map = torch.tensor([[1, 2, 2, 0]], dtype=torch.int32)
+    assert refine_maps(result, [patch_map], lambda v: contrib)[0].tolist() == [[1, 6, 7, 8]]
+    assert refine_maps(result, [patch_map], lambda v: contrib, fill_unmasked=False)[0].tolist() == [[1, 6, 7, 0]]
+    assert refine_maps(result, [patch_map], lambda v: contrib, min_purity=0.5)[0].tolist() == [[1, 2, 2, 8]]

@@ -90,8 +90,8 @@ class Trace3DPipeline(VanillaPipeline):
 
         Returns the `ConsistentInstances` (maps, Gaussian labels and confidences, merge statistics).
         """
-        from trace3d_ns.git.merging import consistent_instances
-        from trace3d_ns.git.tracing import trace_model
+        from trace3d_ns.git.merging import consistent_instances, refine_maps
+        from trace3d_ns.git.tracing import trace_model, view_contributions
 
         dm = self.datamanager
         patch_maps = dm.train_patch_maps()
@@ -102,8 +102,16 @@ class Trace3DPipeline(VanillaPipeline):
             )
         model = self.model
         traces = trace_model(model, dm.train_dataset.cameras, patch_maps, self.config.trace)
-        result = consistent_instances(traces, patch_maps, self.config.merge)
+        merge = self.config.merge
+        result = consistent_instances(traces, patch_maps, merge)
         model.set_instances(result.gaussian_labels, result.gaussian_confidence, traces)
+        if merge.refine:  # split impure patches and fill unmasked pixels with the rendered labels
+            cameras, g = dm.train_dataset.cameras, model.activated_gaussians()
+            result.maps = refine_maps(
+                result, patch_maps,
+                lambda i: view_contributions(model, cameras, i, tuple(patch_maps[i].shape), g),
+                min_purity=merge.refine_min_purity, fill_unmasked=merge.refine_fill_unmasked,
+            )
         if self.config.use_consistent_labels:
             dm.set_train_instance_maps(result.maps)
         settings = {"step": step, "num_gaussians": model.num_points, "trace": asdict(self.config.trace), "merge": asdict(self.config.merge)}

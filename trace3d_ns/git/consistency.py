@@ -14,7 +14,10 @@ Raw patches have no cross-view identity: :func:`raw_patch_ids` offsets each view
 two views share one. ``python -m trace3d_ns.git.consistency --scene DIR`` traces the
 perfect-geometry surface Gaussians of a generated scene (``trace3d-scene --sam-like-masks``)
 through its training views with the scene's SAM-like masks and prints the scores of: raw patches;
-consistent maps (merged patches with global ids); maps rendered from the per-Gaussian labels; and,
+consistent maps (the training labels: :func:`~trace3d_ns.git.merging.refine_maps` of the patch-level maps,
+unless ``MergeConfig.refine`` is off); the patch-level maps (``consistent_patch_ids``: each patch
+takes its traced Gaussians' majority label; ``merged_patch_ids``: its merged component's id, the
+earlier definition); maps rendered from the per-Gaussian labels; and,
 as the ceiling of rendered maps, the Gaussians' true instance ids rendered the same way (splats
 draw silhouettes about a pixel wider than the ray-cast ground truth).
 """
@@ -99,7 +102,9 @@ def evaluate_scene(
     from PIL import Image
 
     from trace3d_ns.data.patches import masks_to_patches
-    from trace3d_ns.git.merging import consistent_instances, render_label_map
+    from dataclasses import replace
+
+    from trace3d_ns.git.merging import MergeConfig, consistent_instances, refine_maps, render_label_map
     from trace3d_ns.git.surface_gaussians import SurfaceGaussiansConfig, surface_scene_from_dir
     from trace3d_ns.git.tracing import TraceAccumulator
     from trace3d_ns.rendering import contributions
@@ -134,16 +139,24 @@ def evaluate_scene(
     traces = acc.build()
     traced_s = time.perf_counter() - start
     start = time.perf_counter()
+    merge_config = merge_config or MergeConfig()
     result = consistent_instances(traces, patch_maps, merge_config)
     merge_s = time.perf_counter() - start
-    rendered, ceiling = [], []
+    merged_ids = consistent_instances(traces, patch_maps, replace(merge_config, patch_ids="merged")).maps
+    rendered, ceiling, contribs = [], [], []
     for v in views:
         contrib = view_contributions(v)
+        contribs.append(contrib)
         rendered.append(render_label_map(contrib, result.gaussian_labels))
         ceiling.append(render_label_map(contrib, scene.instance_ids))
+    training = result.maps
+    if merge_config.refine:
+        training = refine_maps(
+            result, patch_maps, contribs.__getitem__, merge_config.refine_min_purity, merge_config.refine_fill_unmasked
+        )
 
     raw = consistency_scores(raw_patch_ids(patch_maps), gt_maps)
-    consistent = consistency_scores(result.maps, gt_maps)
+    consistent = consistency_scores(training, gt_maps)
     gaussian_gt = scene.instance_ids
     return {
         "scene": str(scene_dir),
@@ -153,6 +166,8 @@ def evaluate_scene(
         "mean_patches_per_view": float(np.mean([int(m.max()) for m in patch_maps])),
         "raw": _summary(raw),
         "consistent": _summary(consistent),
+        "consistent_patch_ids": _summary(consistency_scores(result.maps, gt_maps)),
+        "merged_patch_ids": _summary(consistency_scores(merged_ids, gt_maps)),
         "rendered_labels": _summary(consistency_scores(rendered, gt_maps)),
         "rendered_true_ids": _summary(consistency_scores(ceiling, gt_maps)),
         "merge_stats": asdict(result.stats),

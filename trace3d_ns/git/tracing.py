@@ -403,22 +403,30 @@ def trace_model(
     """
     from rich.progress import track
 
-    from trace3d_ns.rendering import contributions
-
     g = model.activated_gaussians()
     acc = TraceAccumulator(g["means"].shape[0], len(patch_maps), config)
     indices = range(len(patch_maps)) if views is None else views
     for i in track(indices, description="Tracing Gaussian instances", disable=not progress):
-        viewmat, K, width, height = model.camera_matrices(cameras[i : i + 1])
         patch_map = patch_maps[i].to(model.device)
-        ph, pw = patch_map.shape
-        scale = torch.tensor([pw / width, ph / height, 1.0], device=K.device)[:, None]
-        contrib = contributions(
-            g["means"], g["quats"], g["scales"], g["opacities"], viewmat[0], K[0] * scale, pw, ph,
-            rasterize_mode=model.config.rasterize_mode,
-        )
-        acc.add_view(i, contrib, patch_map)
+        acc.add_view(i, view_contributions(model, cameras, i, tuple(patch_map.shape), g), patch_map)
     return acc.build()
+
+
+@torch.no_grad()
+def view_contributions(model, cameras, index: int, size: Tuple[int, int], gaussians=None) -> Contributions:
+    """Contributions of training view ``index`` rendered at ``size`` = (height, width), e.g. its patch
+    map's: the camera of ``model.camera_matrices`` has its intrinsics rescaled by (width / render
+    width, height / render height). ``gaussians``: ``model.activated_gaussians()`` if already at hand."""
+    from trace3d_ns.rendering import contributions
+
+    g = model.activated_gaussians() if gaussians is None else gaussians
+    viewmat, K, width, height = model.camera_matrices(cameras[index : index + 1])
+    ph, pw = size
+    scale = torch.tensor([pw / width, ph / height, 1.0], device=K.device)[:, None]
+    return contributions(
+        g["means"], g["quats"], g["scales"], g["opacities"], viewmat[0], K[0] * scale, pw, ph,
+        rasterize_mode=model.config.rasterize_mode,
+    )
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
