@@ -36,11 +36,25 @@ def _trace(args: argparse.Namespace) -> Dict:
 def _density(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.density import run_density_benchmark
 
-    return run_density_benchmark()
+    return run_density_benchmark(args.work)
+
+
+def _ablation(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.ablation import run_ablation
+
+    return run_ablation(args.work)
+
+
+def _dtu(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.dtu import run_dtu_benchmark
+
+    return run_dtu_benchmark(args.work)
 
 
 BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
+    "ablation": _ablation,
     "density": _density,
+    "dtu": _dtu,
     "raster": _raster,
     "masks": _masks,
     "export": _export,
@@ -55,6 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--gaussians", type=int, default=20000, help="raster: number of Gaussians")
     parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="ablation, dtu: working folder (finished trainings in it are reused)")
     args = parser.parse_args(argv)
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
     text = json.dumps(result, indent=2)
