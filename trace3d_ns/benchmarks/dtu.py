@@ -35,13 +35,20 @@ class DtuConfig:
     """Schedule of the DTU run (sized for CPU training)."""
 
     steps: int = 2000
-    num_downscales: int = 1
-    """splatfacto's coarse-to-fine schedule: trains at 1/2 resolution (200x150) for the whole run."""
+    num_downscales: int = 2
+    """splatfacto's coarse-to-fine schedule: 1/4 resolution (100x75) first, 1/2 from ``resolution_schedule``."""
+    resolution_schedule: int = 1000
     warmup: int = 300
     stop_split_at: int = 1500
     git_step: int = 800
     """Gaussian Instance Tracing and feature lifting start here."""
     contrastive_samples: int = 1024
+    num_random: int = 10000
+    """Random initial Gaussians (the scene has no seed points)."""
+    random_scale: float = 2.0
+    """Side of the cube they fill: the poses are kept as given (objects in the unit sphere, cameras
+    at radius 2.5-3); nerfstudio's default recentring and splatfacto's default cube of side 10 put
+    many of them at the cameras, as huge splats that make CPU steps take seconds."""
     train_seed: int = 42
     points: int = 3
     """Prompt points on the GT foreground (the union of their selections is scored)."""
@@ -54,12 +61,16 @@ def train_command(data: Path, work: Path, cfg: DtuConfig) -> List[str]:
         "--machine.device-type", "cpu", "--machine.seed", str(cfg.train_seed), "--vis", "tensorboard",
         "--max-num-iterations", str(cfg.steps), "--steps-per-save", str(cfg.steps),
         "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000",
-        "--pipeline.model.num-downscales", str(cfg.num_downscales), "--pipeline.model.warmup-length", str(cfg.warmup),
+        "--pipeline.model.num-downscales", str(cfg.num_downscales),
+        "--pipeline.model.resolution-schedule", str(cfg.resolution_schedule),
+        "--pipeline.model.warmup-length", str(cfg.warmup),
         "--pipeline.model.stop-split-at", str(cfg.stop_split_at),
         "--pipeline.git-step", str(cfg.git_step), "--pipeline.model.feature-start-step", str(cfg.git_step),
         "--pipeline.model.contrastive-samples", str(cfg.contrastive_samples),
+        "--pipeline.model.num-random", str(cfg.num_random), "--pipeline.model.random-scale", str(cfg.random_scale),
         "--pipeline.datamanager.mask-source", "superpixel", "--pipeline.datamanager.cache-dir", str(work / "cache"),
         "--pipeline.density.cycles", "0",
+        "nerfstudio-data", "--center-method", "none", "--auto-scale-poses", "False", "--orientation-method", "none",
     ]
 
 
