@@ -47,10 +47,13 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     contrastive_samples: int = 4096
     """Labelled pixels sampled per step for the contrastive loss."""
     contrastive_temperature: float = 1.0
-    """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss (also the selection kernel).
+    """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
     is ~0 once each sample's nearest neighbours share its label); at tau = 1, 5 of 6 instances had their
     nearest 10% of other-instance Gaussians beyond twice their own median spread."""
+    selection_views: int = 64
+    """Training views (spread evenly; 0 = all) whose rendered features are traced back onto the
+    Gaussians for feature-similarity selection (see ``trace3d_ns.features.backprojection``)."""
     feature_grad_to_geometry: bool = False
     """Whether the contrastive loss may move means, scales, rotations and opacities."""
     cpu_threads: int = 1
@@ -105,6 +108,8 @@ class Trace3DModel(SplatfactoModel):
         # ambiguous) by the next cycle; in the checkpoint so a resumed run checks them too
         self.register_buffer("density_children", torch.zeros(0, dtype=torch.bool), persistent=True)
         self.instance_traces = None  # the latest InstanceTraces (not checkpointed), for density control
+        self.selection_cameras = None  # training cameras (set by the pipeline) for selection features
+        self._selection_features = None  # (key, [N, D]) cache of selection_features()
         from trace3d_ns.viewer_controls import InstanceViewerControls
 
         self.viewer_controls = InstanceViewerControls(self)  # click selection, PCA, export (no state)
@@ -165,6 +170,22 @@ class Trace3DModel(SplatfactoModel):
     @property
     def has_features(self) -> bool:
         return "features" in self.gauss_params
+
+    @torch.no_grad()
+    def selection_features(self) -> Tensor:
+        """Per-Gaussian features that feature selection compares: the rendered features traced back
+        over the training views (cached until the Gaussians change); the raw features when the
+        model has no training cameras. [N, D]"""
+        features = self.gauss_params["features"]
+        if self.selection_cameras is None:
+            return features.detach()
+        key = (self.num_points, features._version, self.means._version, id(self.selection_cameras))
+        if self._selection_features is None or self._selection_features[0] != key:
+            from trace3d_ns.features.backprojection import backproject_features
+
+            cameras = self.selection_cameras.to(self.device)
+            self._selection_features = (key, backproject_features(self, cameras, self.config.selection_views))
+        return self._selection_features[1]
 
     PER_GAUSSIAN_BUFFERS = ("instance_labels", "instance_confidence", "density_children")
     """Buffers with one row per Gaussian (or empty): resized on load, carried through densification."""

@@ -50,6 +50,12 @@ class Trace3DPipeline(VanillaPipeline):
 
     config: Trace3DPipelineConfig
 
+    def __init__(self, config: Trace3DPipelineConfig, device: str, *args, **kwargs) -> None:
+        super().__init__(config, device, *args, **kwargs)
+        train = getattr(self.datamanager, "train_dataset", None)
+        if train is not None:  # feature selection traces rendered features back over these views
+            self.model.selection_cameras = train.cameras
+
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
         if self.config.git_step >= 0:

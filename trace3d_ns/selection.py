@@ -3,8 +3,9 @@
 Used by the viewer's click selection, the evaluation harness and self-prompting. Two ways to
 select from a clicked pixel:
 
-- `feature`: the pixel's rendered feature q; Gaussian i is selected when
-  exp(-tau * ||f_i - q||^2) >= threshold, the similarity kernel the contrastive loss trains.
+- `feature`: the pixel's rendered feature q; Gaussian i is selected when the cosine similarity of
+  q and its selection feature (``model.selection_features()``: the rendered features traced back
+  onto it, ``trace3d_ns.features.backprojection``) is >= threshold (default 0.7).
 - `instance`: the Gaussians' instance labels (from Gaussian Instance Tracing) voted by their
   blending weight at the pixel; every Gaussian with the winning label is selected.
 """
@@ -19,6 +20,8 @@ from torch import Tensor
 from trace3d_ns.rendering import Contributions, contributions, rasterize
 
 SelectionMode = Literal["auto", "feature", "instance"]
+FEATURE_THRESHOLD = 0.7
+"""Default cosine-similarity threshold of feature selection."""
 
 
 def camera_contributions(model, camera) -> Contributions:
@@ -62,10 +65,11 @@ def pixel_feature(model, camera, xy: Tuple[float, float]) -> Tensor:
 
 
 @torch.no_grad()
-def select_by_feature(model, query: Tensor, threshold: float = 0.5) -> Tensor:
-    """Gaussians whose feature similarity exp(-tau ||f - q||^2) to `query` is >= threshold. [N] bool"""
-    d2 = (model.gauss_params["features"] - query.to(model.device)).square().sum(-1)
-    return torch.exp(-model.config.contrastive_temperature * d2) >= threshold
+def select_by_feature(model, query: Tensor, threshold: float = FEATURE_THRESHOLD) -> Tensor:
+    """Gaussians whose selection feature has cosine similarity >= threshold with `query` [D]. [N] bool"""
+    features = model.selection_features()  # [N, D]
+    similarity = torch.nn.functional.cosine_similarity(features, query.to(features.device)[None, :], dim=-1)
+    return similarity >= threshold
 
 
 @torch.no_grad()
@@ -84,7 +88,7 @@ def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
 
 
 def select_from_point(
-    model, camera, xy: Tuple[float, float], mode: SelectionMode = "auto", threshold: float = 0.5
+    model, camera, xy: Tuple[float, float], mode: SelectionMode = "auto", threshold: float = FEATURE_THRESHOLD
 ) -> Tensor:
     """The Gaussians of the object under pixel xy. `auto` uses features when the model has them."""
     if mode == "auto":

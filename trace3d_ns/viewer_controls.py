@@ -16,8 +16,9 @@ GUI elements (attribute -> label; the viewer lists them alphabetically by attrib
   field) or `instance` (the instance label voted by blending weight at the click; needs Gaussian
   Instance Tracing's labels).
 - `select_status` "Selected": number of selected Gaussians (read-only).
-- `select_threshold` "Similarity threshold": exp(-tau ||f_i - q||^2) >= threshold selects Gaussian
-  i for the clicked query feature q; moving it re-applies to the last click.
+- `select_threshold` "Similarity threshold": cosine similarity >= threshold between the clicked
+  pixel's rendered feature q and Gaussian i's selection feature (its rendered features traced back,
+  ``model.selection_features()``) selects it; moving it re-applies to the last click.
 - `selection_clear` "Clear selection".
 - `selection_export` "Export selection (.ply)": writes the selected Gaussians as an ns-export PLY.
 - `selection_export_dir` "Export directory": empty means `<run dir>/selections`.
@@ -51,6 +52,7 @@ from nerfstudio.viewer.viewer_elements import (
 from trace3d_ns.export.ply import PARAM_KEYS, write_gaussian_ply
 from trace3d_ns.features.palette import colorize_ids
 from trace3d_ns.selection import (
+    FEATURE_THRESHOLD,
     camera_contributions,
     pixel_feature,
     render_subset_alpha,
@@ -124,7 +126,7 @@ class InstanceViewerControls(torch.nn.Module):
         )  # fmt: skip
         self.select_status = ViewerText("Selected", "nothing", disabled=True)
         self.select_threshold = ViewerSlider(
-            "Similarity threshold", 0.5, 0.01, 1.0, 0.01, cb_hook=self.on_threshold,
+            "Similarity threshold", FEATURE_THRESHOLD, 0.0, 1.0, 0.01, cb_hook=self.on_threshold,
             hint="Select Gaussians whose feature similarity to the clicked pixel is at least this",
         )  # fmt: skip
         self.selection_clear = ViewerButton("Clear selection", cb_hook=self.on_clear)

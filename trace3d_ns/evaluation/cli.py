@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 from trace3d_ns.evaluation.ground_truth import GroundTruthError, find_ground_truth, pipeline_views
 from trace3d_ns.evaluation.harness import EvaluationError, Settings, evaluate
+from trace3d_ns.selection import FEATURE_THRESHOLD
 
 PROG = "trace3d-eval"
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training view where it has the largest inscribed disc")
     p.add_argument("--mode", choices=("auto", "feature", "instance"), default="auto",
                    help="selection by feature similarity or instance label (auto: features if the model has them)")
-    p.add_argument("--threshold", type=float, default=0.5, metavar="T", help="feature-similarity threshold")
+    p.add_argument("--threshold", type=float, default=FEATURE_THRESHOLD, metavar="T",
+                   help="feature selection: cosine-similarity threshold")
     p.add_argument("--kind", choices=("auto", "instances", "foreground", "alpha"), default="auto",
                    help="ground-truth kind (auto: detected from the folder)")
     p.add_argument("--points", type=int, default=3, metavar="K",

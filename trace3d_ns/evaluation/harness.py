@@ -49,6 +49,7 @@ from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
 from trace3d_ns.rendering import rasterize
 from trace3d_ns.rendering import Contributions
 from trace3d_ns.selection import (
+    FEATURE_THRESHOLD,
     SelectionMode,
     camera_contributions,
     full_resolution_matrices,
@@ -83,7 +84,8 @@ class Settings:
     """How selections are made."""
 
     mode: SelectionMode = "auto"
-    threshold: float = 0.5
+    threshold: float = FEATURE_THRESHOLD
+    """Cosine-similarity threshold of feature selection."""
     reference_view: Optional[int] = None
     """Training-view index used for every prompt; None picks one per mask (largest clearance)."""
     points: int = 3
