@@ -24,7 +24,7 @@ def test_variants_switch_git_consistent_labels_and_density_control():
 def _run(variant: str, iou: float) -> dict:
     sel = {"mean_iou": iou, "mean_iou_visible": iou + 0.1, "mean_psnr": 20.0, "novel_view_miou": iou + 0.1,
            "foreground_miou": 0.5, "foreground_macc": 0.9}
-    return {"variant": VARIANTS[variant].__dict__, "selection": {"feature": sel, "instance": sel},
+    return {"variant": VARIANTS[variant].__dict__, "selection": {"feature": sel, "instance": sel, "feature_clusters": sel},
             "test_psnr": 25.0, "num_gaussians": 1000, "ambiguous_fraction_gt": 0.0125,
             "ambiguous_fraction_consistent": 0.01}
 

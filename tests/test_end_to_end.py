@@ -119,5 +119,10 @@ def test_trace3d_trace_writes_labels_into_the_checkpoint(trained):
         _run(BIN / "trace3d-trace", "--load-config", run / "config.yml", cwd=root)
         labels = torch.load(ckpt, weights_only=True)["pipeline"]["_model.instance_labels"]
         assert labels.shape == state["pipeline"]["_model.gauss_params.means"].shape[:1] and (labels > 0).any()
+        _run(BIN / "trace3d-trace", "--load-config", run / "config.yml", "--from", "features", cwd=root)
+        clustered = torch.load(ckpt, weights_only=True)["pipeline"]
+        assert clustered["_model.instance_labels"].shape == labels.shape
+        confidence = clustered["_model.instance_confidence"]
+        assert ((confidence >= 0) & (confidence <= 1 + 1e-6)).all()  # cosine similarities to the centroids
     finally:
         ckpt.write_bytes(original)

@@ -98,3 +98,18 @@ def test_palette_is_distinct_and_background_black():
     d = torch.cdist(pal[1:], pal[1:]) + torch.eye(63) * 10
     assert d.min() > 0.02
     assert colorize_ids(torch.tensor([[0, 3]])).shape == (1, 2, 3)
+
+
+def test_feature_clustering_recovers_separated_instances():
+    from trace3d_ns.features.clustering import FeatureClusteringConfig, cluster_features
+
+    g = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    truth = torch.arange(3).repeat_interleave(torch.tensor([400, 250, 120]))  # sizes: ids follow them
+    scale = 0.5 + 2.0 * torch.rand(770, 1, generator=g)  # norms vary: clustering is by direction
+    features = scale * (directions[truth] + 0.05 * torch.randn(770, 16, generator=g))
+    stray = -directions.sum(0, keepdim=True) * 3.0  # unlike every cluster
+    labels, confidence = cluster_features(torch.cat([features, stray]), FeatureClusteringConfig(max_samples=500))
+    assert torch.equal(labels[:770], truth + 1)  # every Gaussian, sampled or not, in its own cluster
+    assert labels[770] == 0 and confidence[770] == 0.0
+    assert (confidence[:770] > 0.9).all()

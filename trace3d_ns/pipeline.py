@@ -91,6 +91,20 @@ class Trace3DPipeline(VanillaPipeline):
         self.run_instance_tracing(step=step)
 
     @torch.no_grad()
+    def label_from_features(self, config=None) -> torch.Tensor:
+        """Per-Gaussian instance labels from clustering the lifted features
+        (``trace3d_ns.features.clustering``), in place of Gaussian Instance Tracing's. Returns them [N]."""
+        from trace3d_ns.features.clustering import FeatureClusteringConfig, cluster_features
+
+        model = self.model
+        if not model.has_features:
+            raise ValueError("labels from features need a model with a feature field (feature_dim > 0)")
+        labels, confidence = cluster_features(model.selection_features(), config or FeatureClusteringConfig())
+        model.set_instances(labels, confidence)
+        CONSOLE.log(f"Feature clustering: {int(labels.max())} instances; {int((labels > 0).sum())}/{model.num_points} Gaussians labelled")
+        return labels
+
+    @torch.no_grad()
     def run_instance_tracing(self, step: Optional[int] = None):
         """Traces all training views, labels the Gaussians and installs consistent training maps.
 

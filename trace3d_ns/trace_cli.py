@@ -3,6 +3,8 @@
 Loads the run (its masks come from the mask cache), traces every training view, builds the
 consistent instance maps (stored in the mask cache) and writes the per-Gaussian instance labels
 into the run's latest checkpoint, so `ns-viewer`, `trace3d-export` and `trace3d-eval` use them.
+With `--from features` the labels come from clustering the lifted features instead
+(`trace3d_ns.features.clustering`: HDBSCAN, then nearest cluster by cosine similarity).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="trace3d-trace", description=__doc__)
     parser.add_argument("--load-config", type=Path, required=True, help="config.yml of a trace3d run")
+    parser.add_argument("--from", dest="source", choices=("git", "features"), default="git",
+                        help="labels from Gaussian Instance Tracing (default) or from clustering the lifted features")
     parser.add_argument("--dry-run", action="store_true", help="report the instances, do not write the checkpoint")
     args = parser.parse_args(argv)
     if not args.load_config.is_file():
@@ -31,7 +35,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not hasattr(pipeline, "run_instance_tracing"):
         print("trace3d-trace: error: this run was not trained with the trace3d method", file=sys.stderr)
         return 2
-    result = pipeline.run_instance_tracing(step=step)
+    if args.source == "features":
+        if not pipeline.model.has_features:
+            print("trace3d-trace: error: --from features needs a model with a feature field", file=sys.stderr)
+            return 2
+        num_instances = int(pipeline.label_from_features().max())
+    else:
+        num_instances = pipeline.run_instance_tracing(step=step).stats.num_instances
     if args.dry_run:
         return 0
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -40,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tmp = ckpt_path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, ckpt_path)
-    print(f"wrote {result.stats.num_instances} instances for {pipeline.model.num_points} Gaussians into {ckpt_path}")
+    print(f"wrote {num_instances} instances for {pipeline.model.num_points} Gaussians into {ckpt_path}")
     return 0
 
 
