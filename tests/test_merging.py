@@ -182,3 +182,33 @@ def test_refine_maps_splits_impure_patches_and_fills_unmasked_pixels():
     assert refine_maps(result, [patch_map], lambda v: contrib)[0].tolist() == [[1, 6, 7, 8]]
     assert refine_maps(result, [patch_map], lambda v: contrib, fill_unmasked=False)[0].tolist() == [[1, 6, 7, 0]]
     assert refine_maps(result, [patch_map], lambda v: contrib, min_purity=0.5)[0].tolist() == [[1, 2, 2, 8]]
+
+
+def test_segments_merged_by_sam_in_several_views_do_not_chain_two_objects():
+    # Views 0, 1: SAM merged B and C into one mask (their segments share all 40 Gaussians, more than
+    # any other pair). View 3 sees B whole and only 4 Gaussians of C (C occluded), view 4 the reverse;
+    # views 2, 5, 6 see parts of B and C (12-16 each) apart. A merged segment maps 20 of its 24 Gaussians
+    # seen in view 3 onto B there and 20 of 24 onto C in view 4: mutual-majority links to both. Linked
+    # with the most shared Gaussians first, those links chained B and C into one instance; strongest
+    # first, B's and C's own segments (which map onto each other wholly) form two instances first.
+    b, c = list(B), list(C)
+    views = [
+        [list(A), b + c],
+        [list(A), b + c],
+        [list(A), b[:12], c[:12]],
+        [list(A), b, c[:4]],
+        [list(A), b[:4], c],
+        [list(A), b[8:], c[8:]],
+        [list(A), b[4:16], c[4:]],
+    ]
+    result = _run(views)
+    labels = result.gaussian_labels
+    ids = [int(labels[list(obj)].mode().values) for obj in (A, B, C)]
+    assert len(set(ids)) == 3 and 0 not in ids
+    for obj, i in zip((A, B, C), ids):
+        assert torch.all(labels[list(obj)] == i)
+    for v in range(2, 7):  # the views that keep B and C apart
+        assert result.patch_to_global[v][1:].tolist() == ids
+    # The merged segments take one of the two ids and are marked impure.
+    for v in (0, 1):
+        assert int(result.patch_to_global[v][2]) in ids[1:] and float(result.patch_purity[v][2]) < 0.9

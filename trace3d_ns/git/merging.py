@@ -30,10 +30,16 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   candidates** when ``f(s -> s') > link_threshold`` and ``f(s' -> s) > link_threshold`` (mutual
   majority: with a threshold >= 0.5 a segment has at most one candidate per view) and
   ``n_s^v', n_s'^v >= min_traced`` and ``>= min_seen_fraction`` of each segment.
-- **Global ids**: candidates are accepted by a union-find with path compression, the ones shared by
-  the most Gaussians first, unless the link would put two segments of one view into one instance
-  (within-view merging decided they differ; without this rule one segment that SAM merged from two
-  objects would chain both objects' instances together). Identity is transitive; components are
+- **Global ids**: candidates are accepted by a union-find with path compression, the strongest
+  first (largest ``min(f(s -> s'), f(s' -> s))``, ties: the most shared Gaussians), unless the link
+  would put two segments of one view into one instance (within-view merging decided they differ;
+  without this rule one segment that SAM merged from two objects would chain both objects'
+  instances together). The order matters for that rule: a segment SAM merged from two objects
+  maps only its larger part's share (``f`` about 0.5-0.8) onto either object's segment of another
+  view, while segments of one object map onto each other almost wholly, so the objects' own
+  instances form first and each then holds segments of many views; the merged segment can join
+  one of them but no longer chain the two (ordered by shared Gaussians, the large merged segments
+  came first and linked to one object in one view and to the other in another). Identity is transitive; components are
   numbered 1..G in order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no
   instance") and never merges or links.
 - **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
@@ -421,7 +427,7 @@ def _cross_view_links(
     keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
     shared = sp.csr_matrix((co.data, (co.row, co.col)), shape=co.shape)
     evidence = np.asarray(shared.minimum(shared.T)[mutual.row[keep], mutual.col[keep]]).ravel()  # Gaussians
-    order = np.lexsort((-mutual.data[keep], -evidence))  # most shared Gaussians first
+    order = np.lexsort((-evidence, -mutual.data[keep]))  # most mutual first, then most shared Gaussians
     candidates = np.stack([mutual.row[keep][order], mutual.col[keep][order]])  # [2, c] strongest first
     views = np.zeros((num_nodes, len(n[0]) if len(n) else 0), dtype=bool)  # [S, L] views of each component
     views[segment[real], patch_view[real]] = True
