@@ -212,3 +212,27 @@ def test_segments_merged_by_sam_in_several_views_do_not_chain_two_objects():
     # The merged segments take one of the two ids and are marked impure.
     for v in (0, 1):
         assert int(result.patch_to_global[v][2]) in ids[1:] and float(result.patch_purity[v][2]) < 0.9
+
+
+def test_segment_whose_gaussians_carry_other_labels_loses_its_links():
+    # X = A (20 Gaussians), Y = B and C (40). Views 1-3: SAM merged X and Y into one mask. View 0 sees X
+    # whole and only 8 of Y: the merged segment maps 20 of its 28 Gaussians seen there onto X, a
+    # mutual-majority link, so it joins X's instance (and the merged segments of views 1-3 with it).
+    # Y's last 6 Gaussians are seen apart from X in two views only (4, 5): three votes for X's id
+    # against two for Y's. After the vote the merged segments' Gaussians mostly carry Y's id (purity
+    # 26/60 < 0.5): they lose their cross-view links and the second vote labels all of Y as Y.
+    x, y = list(A), list(B) + list(C)
+    views = [[x, y[:8]], [x + y], [x + y], [x + y], [x, y], [x, y], [x, y[:34]], [x, y[:34]], [x, y[:34]]]
+    before = _run(views, MergeConfig(min_traced=3, unlink_rounds=0))
+    x_id, y_id = int(before.gaussian_labels[0]), int(before.gaussian_labels[20])
+    assert x_id != y_id and torch.all(before.gaussian_labels[y[34:]] == x_id)  # the failure this rule fixes
+    result = _run(views, MergeConfig(min_traced=3, unlink_rounds=1))
+    labels = result.gaussian_labels
+    x_id, y_id = int(labels[0]), int(labels[20])
+    assert x_id != y_id and 0 not in (x_id, y_id)
+    assert torch.all(labels[x] == x_id) and torch.all(labels[y] == y_id)
+    assert torch.equal(_run(views).gaussian_labels, labels)  # the default (2 rounds) converges there too
+    for v in (0, 4, 5, 6, 7, 8):
+        assert result.patch_to_global[v][1:].tolist() == [x_id, y_id]
+    for v in (1, 2, 3):  # the merged patches take Y's id (most of their Gaussians) and are marked impure
+        assert int(result.patch_to_global[v][1]) == y_id and float(result.patch_purity[v][1]) < 0.9

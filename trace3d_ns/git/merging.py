@@ -42,6 +42,13 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   came first and linked to one object in one view and to the other in another). Identity is transitive; components are
   numbered 1..G in order of first (view, patch). Patch ``0`` of every view is global id ``0`` ("no
   instance") and never merges or links.
+- **Unlinking impure segments** (``unlink_rounds``): a merged segment can still join one object's
+  instance through a view where the other object is hidden (its Gaussians seen there are mostly the
+  first object's); it then votes that instance's id onto the other object's Gaussians in every view
+  where SAM merged the two. After the per-Gaussian vote, a segment whose traced Gaussians mostly
+  carry labels other than its instance's id (segment purity ``< unlink_min_purity``) has its
+  cross-view links cut (all of them: its identity across views is the one thing in doubt); linking
+  and voting are repeated without it, for up to ``unlink_rounds`` rounds.
 - **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
   kept patch in each view where the Gaussian is seen. Patch 0 says "no mask here", not "no
   instance": a Gaussian is labelled 0 only when no view puts it in a mask. Its confidence is the
@@ -103,6 +110,19 @@ class MergeConfig:
     """:func:`refine_maps`: patches whose purity is below this are split by the rendered labels."""
     refine_fill_unmasked: bool = True
     """:func:`refine_maps`: pixels in no mask (patch 0) take the rendered label."""
+    unlink_rounds: int = 2
+    """Rounds of: vote, then segments whose traced Gaussians mostly carry another label (segment
+    purity below ``unlink_min_purity``) lose all their cross-view links, then link and vote again
+    (0: one vote, no unlinking). Measured on generated scenes with SAM-like masks (192 px seeds
+    0/1/2, 96 px seed 0), refined maps' mean best-match IoU: 0.849/0.902/0.888/0.802 with 0 rounds,
+    0.888/0.902/0.890/0.803 with 1, 0.890/0.902/0.890/0.805 with 2 (3: no change)."""
+    unlink_min_purity: float = 0.5
+    """See ``unlink_rounds``: below 0.5 most of the segment's Gaussians carry another instance's label
+    across the views (0.9, the refinement's purity, cut the links of many correct segments: mean
+    0.86 -> 0.75)."""
+    vote_weight: Literal["none", "purity"] = "none"
+    """purity: after a first vote, every patch's votes are weighted by its segment's purity and the
+    Gaussians vote again."""
 
 
 @dataclass
@@ -162,12 +182,23 @@ def consistent_instances(
     merge_edges = _within_view_merges(cotrace, seen, informative, num_traced, t, config)  # [2, m]
     segment = union_find(t.num_nodes, torch.from_numpy(merge_edges)).numpy()  # [P] root patch
     real = t.patch_local > 0  # [P] patch 0 of a view is no instance
-    links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, real, config)  # [2, k]
-
-    edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
-    root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
-    global_id = _compact(root, real)  # [P], 0 for patch 0
-    labels, confidence = _gaussian_votes(t, global_id)
+    linkable = np.ones(t.num_nodes, dtype=bool)  # [P] by segment root
+    for round_ in range(config.unlink_rounds + 1):
+        links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, real & linkable[segment], config)  # [2, k]
+        edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
+        root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
+        global_id = _compact(root, real)  # [P], 0 for patch 0
+        labels, confidence = _gaussian_votes(t, global_id)
+        if round_ == config.unlink_rounds:
+            break
+        spur = _segment_purity(t, labels, global_id, segment, config.min_traced)
+        impure = real & (spur[segment] < config.unlink_min_purity)
+        if not (impure & linkable[segment]).any():
+            break
+        linkable[segment[impure]] = False
+    if config.vote_weight == "purity":
+        spur = _segment_purity(t, labels, global_id, segment, config.min_traced)
+        labels, confidence = _gaussian_votes(t, global_id, spur[segment])
     if config.patch_ids == "vote":
         global_id, labels = _renumber(_patch_votes(t, labels, global_id), labels)
     purity = _patch_purity(t, labels, global_id, config.min_traced)
@@ -512,14 +543,31 @@ def _patch_purity(t: _TraceArrays, labels: np.ndarray, global_id: np.ndarray, mi
     return purity.astype(np.float32)
 
 
-def _gaussian_votes(t: _TraceArrays, global_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring)."""
+def _segment_purity(
+    t: _TraceArrays, labels: np.ndarray, global_id: np.ndarray, segment: np.ndarray, min_traced: int
+) -> np.ndarray:
+    """Share [P] (indexed by segment root) of each segment's traced Gaussians labelled with the
+    segment's id (1 below ``min_traced`` traced Gaussians or for non-roots)."""
+    g, p = t.obs_gaussian[t.traced], t.obs_top[t.traced]
+    real = t.patch_local[p] > 0
+    g, p = g[real], p[real]
+    agree = np.bincount(segment[p], weights=(labels[g] == global_id[p]).astype(np.float64), minlength=t.num_nodes)
+    total = np.bincount(segment[p], minlength=t.num_nodes).astype(np.float64)
+    return np.where(total >= max(min_traced, 1), agree / np.maximum(total, 1.0), 1.0)
+
+
+def _gaussian_votes(
+    t: _TraceArrays, global_id: np.ndarray, patch_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring);
+    ``patch_weight`` [P] scales each patch's votes."""
     keep = t.seen[t.entry_obs]
     gaussian = t.obs_gaussian[t.entry_obs[keep]]  # [e]
     ids = global_id[t.entry_patch[keep]]  # [e]
+    weight = t.entry_prob[keep] if patch_weight is None else t.entry_prob[keep] * patch_weight[t.entry_patch[keep]]
     span = int(global_id.max()) + 1 if global_id.size else 1
     keys, inverse = np.unique(gaussian * span + ids, return_inverse=True)
-    votes = np.bincount(inverse.ravel(), weights=t.entry_prob[keep], minlength=len(keys))  # [u]
+    votes = np.bincount(inverse.ravel(), weights=weight, minlength=len(keys))  # [u]
     owner, label = keys // span, keys % span
     total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
     order = np.lexsort((-votes, label == 0, owner))  # per Gaussian: instance ids first, most votes first
