@@ -223,7 +223,7 @@ def test_segment_whose_gaussians_carry_other_labels_loses_its_links():
     # 26/60 < 0.5): they lose their cross-view links and the second vote labels all of Y as Y.
     x, y = list(A), list(B) + list(C)
     views = [[x, y[:8]], [x + y], [x + y], [x + y], [x, y], [x, y], [x, y[:34]], [x, y[:34]], [x, y[:34]]]
-    before = _run(views, MergeConfig(min_traced=3, unlink_rounds=0))
+    before = _run(views, MergeConfig(min_traced=3, unlink_rounds=0, purity_weighted_vote=False))
     x_id, y_id = int(before.gaussian_labels[0]), int(before.gaussian_labels[20])
     assert x_id != y_id and torch.all(before.gaussian_labels[y[34:]] == x_id)  # the failure this rule fixes
     result = _run(views, MergeConfig(min_traced=3, unlink_rounds=1))
@@ -236,3 +236,25 @@ def test_segment_whose_gaussians_carry_other_labels_loses_its_links():
         assert result.patch_to_global[v][1:].tolist() == [x_id, y_id]
     for v in (1, 2, 3):  # the merged patches take Y's id (most of their Gaussians) and are marked impure
         assert int(result.patch_to_global[v][1]) == y_id and float(result.patch_purity[v][1]) < 0.9
+
+
+def test_patch_votes_are_weighted_by_purity():
+    # X = A, Y = B (20 Gaussians each). As above, SAM merged them in views 1-3 and the merged segments
+    # join X's instance through view 0 (which sees 8 of Y). Y's last 2 Gaussians are seen apart in two
+    # views only (4, 5): three votes for X's id against two for Y's. The merged segments' purity is
+    # 22/40 >= 0.5, so they keep their links; weighted by purity the three votes weigh 3 * 0.55 = 1.65
+    # and Y's two (its patches hold 18 of 20 Gaussians labelled Y) 2 * 0.9 = 1.8.
+    x, y = list(A), list(B)
+    views = [[x, y[:8]], [x + y], [x + y], [x + y], [x, y], [x, y], [x, y[:18]], [x, y[:18]], [x, y[:18]]]
+    before = _run(views, MergeConfig(min_traced=3, purity_weighted_vote=False))
+    x_id = int(before.gaussian_labels[0])
+    assert torch.all(before.gaussian_labels[y[18:]] == x_id) and float(before.patch_purity[1][1]) > 0.5
+    result = _run(views, MergeConfig(min_traced=3))
+    labels = result.gaussian_labels
+    x_id, y_id = int(labels[0]), int(labels[20])
+    assert x_id != y_id and 0 not in (x_id, y_id)
+    assert torch.all(labels[x] == x_id) and torch.all(labels[y] == y_id)
+    for v in (0, 4, 5, 6, 7, 8):
+        assert result.patch_to_global[v][1:].tolist() == [x_id, y_id]
+    for v in (1, 2, 3):  # half of the merged patches' Gaussians carry either id
+        assert float(result.patch_purity[v][1]) == 0.5

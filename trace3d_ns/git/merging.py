@@ -52,7 +52,9 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
 - **Per-Gaussian label**: the global id with the most votes, a vote being the probability of each
   kept patch in each view where the Gaussian is seen. Patch 0 says "no mask here", not "no
   instance": a Gaussian is labelled 0 only when no view puts it in a mask. Its confidence is the
-  winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere).
+  winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere). With
+  ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes weighted by its
+  purity under the first vote's labels (patch 0's weight stays 1).
 
 The sparse products run on the CPU with scipy; the results come back on the store's device.
 """
@@ -120,9 +122,12 @@ class MergeConfig:
     """See ``unlink_rounds``: below 0.5 most of the segment's Gaussians carry another instance's label
     across the views (0.9, the refinement's purity, cut the links of many correct segments: mean
     0.86 -> 0.75)."""
-    vote_weight: Literal["none", "purity"] = "none"
-    """purity: after a first vote, every patch's votes are weighted by its segment's purity and the
-    Gaussians vote again."""
+    purity_weighted_vote: bool = True
+    """After the vote (and unlinking), the Gaussians vote again with every patch's votes weighted by
+    its purity (the share of its traced Gaussians carrying its instance's id): a patch SAM merged from
+    two objects speaks for its instance only as much as its Gaussians agree with it. Measured (as for
+    ``unlink_rounds``): 0.890/0.902/0.890/0.805 -> 0.889/0.897/0.907/0.816 (segment purity instead
+    of patch purity: the same within 0.001; a second weighted round: within 0.003)."""
 
 
 @dataclass
@@ -196,9 +201,10 @@ def consistent_instances(
         if not (impure & linkable[segment]).any():
             break
         linkable[segment[impure]] = False
-    if config.vote_weight == "purity":
-        spur = _segment_purity(t, labels, global_id, segment, config.min_traced)
-        labels, confidence = _gaussian_votes(t, global_id, spur[segment])
+    if config.purity_weighted_vote:
+        weight = _patch_purity(t, labels, global_id, config.min_traced)  # [P]
+        weight[~real] = 1.0  # patch 0 votes "no mask here" as before
+        labels, confidence = _gaussian_votes(t, global_id, weight)
     if config.patch_ids == "vote":
         global_id, labels = _renumber(_patch_votes(t, labels, global_id), labels)
     purity = _patch_purity(t, labels, global_id, config.min_traced)
