@@ -38,3 +38,16 @@ def test_report_tables_have_a_row_per_run_with_its_numbers():
     assert summary(runs)["object_iou_feature"] == {"no_git": 0.25, "full": 0.75}
     dtu = {"num_gaussians": 50, "modes": {"feature": {"miou": 0.5, "macc": 0.875, "num_selected": 7, "reference_view": "a"}}}
     assert dtu_table(dtu)[2] == "| feature | 0.500 | 0.875 | 7 / 50 | a |"
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
+    from trace3d_ns.benchmarks.ablation import command_record, is_trained
+
+    run, cmd = tmp_path / "run", ["ns-train", "trace3d", "--max-num-iterations", "10"]
+    assert not is_trained(run, 10, cmd)
+    (run / "nerfstudio_models").mkdir(parents=True)
+    (run / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
+    assert not is_trained(run, 10, cmd)  # a checkpoint without the command that made it
+    command_record(run).write_text(" ".join(cmd))
+    assert is_trained(run, 10, cmd)
+    assert not is_trained(run, 10, cmd[:-1] + ["20"]) and not is_trained(run, 20, cmd)

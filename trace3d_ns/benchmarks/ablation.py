@@ -17,8 +17,9 @@ Scene: ``trace3d-scene --sam-like-masks`` (``AblationConfig``): its masks disagr
 way SAM's do (merged neighbours, parts, boundary jitter, missed small objects). Schedule: RGB from
 step 0, splatfacto's densification from ``warmup`` to ``stop_split_at``, GIT and feature lifting
 from ``git_step``, density control cycles from ``stop_split_at`` every ``every`` steps (the last one
-only prunes). Runs go ``parallel`` at a time, one torch thread each. A run whose final checkpoint is
-already in ``--work`` is not trained again (so measurements can be repeated).
+only prunes). Runs go ``parallel`` at a time, one torch thread each. A run already in ``--work``
+with its final checkpoint and the same training command (kept in its folder) is not trained again,
+so measurements can be repeated.
 
 Measured on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
 Gaussian counts; the share of ambiguous Gaussians against the run's own consistent instances (the
@@ -103,6 +104,18 @@ def scene_command(scene: Path, cfg: AblationConfig) -> List[str]:
             "--objects", str(cfg.objects), "--seed", str(cfg.scene_seed), "--sam-like-masks", "--overwrite"]
 
 
+def cpu_train_command(data: Path, outputs: Path, experiment: str, name: str, steps: int, seed: int) -> List[str]:
+    """The part of a benchmark's ``ns-train trace3d`` command every benchmark shares: CPU, seed,
+    tensorboard, one checkpoint at the end, no evaluation during training."""
+    return [
+        str(BIN / "ns-train"), "trace3d", "--data", str(data), "--output-dir", str(outputs),
+        "--experiment-name", experiment, "--timestamp", name,
+        "--machine.device-type", "cpu", "--machine.seed", str(seed), "--vis", "tensorboard",
+        "--max-num-iterations", str(steps), "--steps-per-save", str(steps),
+        "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000",
+    ]
+
+
 def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, variant: Variant) -> List[str]:
     """The ``ns-train`` command of one run (its mask cache in ``work/cache_<name>``)."""
     flags = [
@@ -115,11 +128,7 @@ def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, varia
     else:
         flags += ["--pipeline.density.cycles", "0"]
     return [
-        str(BIN / "ns-train"), "trace3d", "--data", str(scene), "--output-dir", str(work / "outputs"),
-        "--experiment-name", EXPERIMENT, "--timestamp", name,
-        "--machine.device-type", "cpu", "--machine.seed", str(cfg.train_seed), "--vis", "tensorboard",
-        "--max-num-iterations", str(cfg.steps), "--steps-per-save", str(cfg.steps),
-        "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000",
+        *cpu_train_command(scene, work / "outputs", EXPERIMENT, name, cfg.steps, cfg.train_seed),
         "--pipeline.model.num-downscales", "0", "--pipeline.model.warmup-length", str(cfg.warmup),
         "--pipeline.model.stop-split-at", str(cfg.stop_split_at),
         "--pipeline.model.feature-start-step", str(cfg.git_step),
@@ -132,11 +141,6 @@ def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, varia
 
 def run_dir(work: Path, name: str) -> Path:
     return work / "outputs" / EXPERIMENT / "trace3d" / name
-
-
-def final_checkpoint(work: Path, name: str, steps: int) -> Path:
-    """nerfstudio saves the last step as ``step-{steps - 1}``."""
-    return run_dir(work, name) / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt"
 
 
 def _ambiguous_fraction(traces, config) -> float:
@@ -218,8 +222,22 @@ def run_logged(cmd: List[str], cwd: Path, log: Path) -> None:
             raise RuntimeError(f"{Path(cmd[0]).name} failed, see {log}")
 
 
-def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int) -> None:
-    """Run the training commands, ``parallel`` at a time; raises naming the log of a failed run."""
+def command_record(run: Path) -> Path:
+    """Where the command that trained ``run`` (a run folder) is kept."""
+    return run / "train_command.txt"
+
+
+def is_trained(run: Path, steps: int, command: List[str]) -> bool:
+    """True when ``run`` has its final checkpoint and was trained by exactly ``command`` (a finished
+    run is reused only for the same settings; a changed command trains again)."""
+    record = command_record(run)
+    checkpoint = run / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt"
+    return checkpoint.is_file() and record.is_file() and record.read_text() == " ".join(command)
+
+
+def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path]) -> None:
+    """Run the training commands, ``parallel`` at a time, and record each finished run's command in
+    its folder (``runs[name]``); raises naming the log of a failed run."""
     pending, running = list(commands), {}
     while pending or running:
         while pending and len(running) < parallel:
@@ -236,6 +254,7 @@ def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int) -> Non
                 for other, _ in running.values():
                     other.kill()
                 raise RuntimeError(f"ns-train ({name}) failed, see {work / f'train_{name}.log'}")
+            command_record(runs[name]).write_text(" ".join(commands[name]))
         time.sleep(1.0)
 
 
@@ -256,8 +275,8 @@ def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = No
         run_logged(commands["scene"], work, work / "scene.log")
     train = {name: train_command(scene, work, name, cfg, VARIANTS[name]) for name in cfg.variants}
     commands.update({f"train_{k}": v for k, v in train.items()})
-    todo = {k: v for k, v in train.items() if not final_checkpoint(work, k, cfg.steps).is_file()}
-    train_runs(todo, work, cfg.parallel)
+    todo = {k: v for k, v in train.items() if not is_trained(run_dir(work, k), cfg.steps, v)}
+    train_runs(todo, work, cfg.parallel, {k: run_dir(work, k) for k in todo})
     train_s = time.perf_counter() - start
 
     out: Dict = {"config": asdict(cfg), "work_dir": str(work), "trained": sorted(todo),

@@ -9,7 +9,8 @@ segments at two scales stand in for SAM, whose weights cannot be downloaded here
 the objects on the bricks): ``points`` prompt points spread over the GT foreground of one training
 view, the union of their selections, its visible silhouette scored per test view (mIoU, mAcc), by
 feature similarity and by instance label. The data folder is only read: the mask cache goes to
-``--work``. A finished run in ``--work`` is measured again without training.
+``--work``. A finished run in ``--work`` with the same training command is measured again without
+training.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from trace3d_ns.benchmarks.ablation import BIN, train_runs
+from trace3d_ns.benchmarks.ablation import cpu_train_command, is_trained, train_runs
 
 EXPERIMENT = "dtu"
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dtu_scan37"
@@ -56,11 +57,7 @@ class DtuConfig:
 
 def train_command(data: Path, work: Path, cfg: DtuConfig) -> List[str]:
     return [
-        str(BIN / "ns-train"), "trace3d", "--data", str(data), "--output-dir", str(work / "outputs"),
-        "--experiment-name", EXPERIMENT, "--timestamp", "run",
-        "--machine.device-type", "cpu", "--machine.seed", str(cfg.train_seed), "--vis", "tensorboard",
-        "--max-num-iterations", str(cfg.steps), "--steps-per-save", str(cfg.steps),
-        "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000",
+        *cpu_train_command(data, work / "outputs", EXPERIMENT, "run", cfg.steps, cfg.train_seed),
         "--pipeline.model.num-downscales", str(cfg.num_downscales),
         "--pipeline.model.resolution-schedule", str(cfg.resolution_schedule),
         "--pipeline.model.warmup-length", str(cfg.warmup),
@@ -104,9 +101,9 @@ def run_dtu_benchmark(work: Optional[Path] = None, data: Path = DEFAULT_DATA, cf
     start = time.perf_counter()
     cmd = train_command(data, work, cfg)
     run = work / "outputs" / EXPERIMENT / "trace3d" / "run"
-    trained = not (run / "nerfstudio_models" / f"step-{cfg.steps - 1:09d}.ckpt").is_file()
+    trained = not is_trained(run, cfg.steps, cmd)
     if trained:
-        train_runs({"dtu": cmd}, work, parallel=1)
+        train_runs({"dtu": cmd}, work, parallel=1, runs={"dtu": run})
     train_s = time.perf_counter() - start
     return {
         "config": asdict(cfg), "data": str(data), "work_dir": str(work), "trained": trained,
