@@ -258,3 +258,24 @@ def test_patch_votes_are_weighted_by_purity():
         assert result.patch_to_global[v][1:].tolist() == [x_id, y_id]
     for v in (1, 2, 3):  # half of the merged patches' Gaussians carry either id
         assert float(result.patch_purity[v][1]) == 0.5
+
+
+def test_patch_purity_weighs_gaussians_by_what_they_draw():
+    # In view 0, 10 Gaussians of B lie behind A and show through it faintly (weight 0.1 each) in A's
+    # patch; views 1-4 see A and B apart. A's patch has 30 traced Gaussians, 10 of them B's, but B
+    # draws only 1 of its 21 units of weight: purity 20/21, so refine_maps keeps the patch's id.
+    x, y = list(A), list(B)
+    acc = TraceAccumulator(N, 5)
+    gids = torch.tensor(x + y[:10])
+    contrib = Contributions(gids, torch.ones(30, dtype=torch.long), torch.tensor([1.0] * 20 + [0.1] * 10), 2, 1)
+    maps = [torch.tensor([[0, 1]], dtype=torch.int32)]
+    acc.add_view(0, contrib, maps[0])
+    for v in range(1, 5):
+        contrib, patch_map = _view([x, y])
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    result = consistent_instances(acc.build(), maps, MergeConfig(min_traced=3))
+    labels = result.gaussian_labels
+    assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
+    assert int(result.patch_to_global[0][1]) == int(labels[0])
+    assert abs(float(result.patch_purity[0][1]) - 20 / 21) < 1e-3

@@ -124,7 +124,7 @@ class MergeConfig:
     0.86 -> 0.75)."""
     purity_weighted_vote: bool = True
     """After the vote (and unlinking), the Gaussians vote again with every patch's votes weighted by
-    its purity (the share of its traced Gaussians carrying its instance's id): a patch SAM merged from
+    its purity (the share of its weight drawn by Gaussians carrying its instance's id): a patch SAM merged from
     two objects speaks for its instance only as much as its Gaussians agree with it. Measured (as for
     ``unlink_rounds``): 0.890/0.902/0.890/0.805 -> 0.889/0.897/0.907/0.816 (segment purity instead
     of patch purity: the same within 0.001; a second weighted round: within 0.003)."""
@@ -157,8 +157,9 @@ class ConsistentInstances:
     patch_to_global: List[Tensor]
     """Per view, int64 [num_patches[v]]: global id of each patch (entry 0 is 0)."""
     patch_purity: List[Tensor]
-    """Per view, float32 [num_patches[v]]: share of the patch's traced Gaussians whose label is the
-    patch's id (1 where the patch has fewer than ``min_traced`` of them, 0 for patch 0). A low value
+    """Per view, float32 [num_patches[v]]: share of the patch's weight (alpha * T drawn in it by the
+    seen Gaussians) whose Gaussians' label is the patch's id (1 where no seen Gaussian is drawn in
+    it, 0 for patch 0). A low value
     marks a patch that holds several instances (e.g. neighbours SAM merged in this view), which
     :func:`refine_maps` splits with the rendered labels."""
     gaussian_labels: Tensor  # [N] int64 global id, 0 = none
@@ -202,12 +203,12 @@ def consistent_instances(
             break
         linkable[segment[impure]] = False
     if config.purity_weighted_vote:
-        weight = _patch_purity(t, labels, global_id, config.min_traced)  # [P]
+        weight = _patch_purity(t, labels, global_id)  # [P]
         weight[~real] = 1.0  # patch 0 votes "no mask here" as before
         labels, confidence = _gaussian_votes(t, global_id, weight)
     if config.patch_ids == "vote":
         global_id, labels = _renumber(_patch_votes(t, labels, global_id), labels)
-    purity = _patch_purity(t, labels, global_id, config.min_traced)
+    purity = _patch_purity(t, labels, global_id)
     luts = [torch.from_numpy(global_id[t.base[v] : t.base[v + 1]]) for v in range(traces.num_views)]
 
     device = traces.device
@@ -331,7 +332,8 @@ class _TraceArrays:
 
         self.obs_gaussian = traces.obs_gaussian().cpu().numpy()  # [O]
         self.obs_view = traces.obs_view.cpu().numpy().astype(np.int64)  # [O]
-        self.seen = traces.obs_weight.cpu().numpy().astype(np.float32) >= config.min_weight  # [O]
+        self.obs_weight = traces.obs_weight.cpu().numpy().astype(np.float32)  # [O]
+        self.seen = self.obs_weight >= config.min_weight  # [O]
         top = traces.argmax().cpu().numpy()  # [O]
         self.informative = self.seen & (top > 0)  # [O]
         self.traced = self.informative & (traces.max_prob().cpu().numpy() >= config.traced_min_prob)  # [O]
@@ -538,13 +540,20 @@ def _renumber(global_id: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return new[: len(global_id)], new[len(global_id) :]
 
 
-def _patch_purity(t: _TraceArrays, labels: np.ndarray, global_id: np.ndarray, min_traced: int) -> np.ndarray:
-    """Share [P] of each patch's traced Gaussians labelled with the patch's id (1 below
-    ``min_traced`` traced Gaussians, 0 for patch 0)."""
-    g, p = t.obs_gaussian[t.traced], t.obs_top[t.traced]
-    agree = np.bincount(p, weights=(labels[g] == global_id[p]).astype(np.float64), minlength=t.num_nodes)
-    total = np.bincount(p, minlength=t.num_nodes).astype(np.float64)
-    purity = np.where(total >= max(min_traced, 1), agree / np.maximum(total, 1.0), 1.0)
+def _patch_purity(t: _TraceArrays, labels: np.ndarray, global_id: np.ndarray) -> np.ndarray:
+    """Share [P] of each patch's weight (the alpha * T of the seen Gaussians drawn in it, i.e. its
+    pixels' rendered mass) carried by Gaussians labelled with the patch's id (1 for a patch no seen
+    Gaussian is drawn in, 0 for patch 0). Weighted, not counted: Gaussians of a surface behind the
+    patch's object, traced to the patch through the object's partial opacity, count by what they
+    draw there (counted, they made objects' own patches look impure: refined maps' mean best-match
+    IoU 0.889/0.897/0.907/0.816 with counts, 0.896/0.896/0.908/0.820 weighted)."""
+    keep = t.seen[t.entry_obs]
+    obs, patch = t.entry_obs[keep], t.entry_patch[keep]
+    mass = t.entry_prob[keep] * t.obs_weight[obs]
+    agree = labels[t.obs_gaussian[obs]] == global_id[patch]
+    num = np.bincount(patch, weights=mass * agree, minlength=t.num_nodes)
+    den = np.bincount(patch, weights=mass, minlength=t.num_nodes)
+    purity = np.divide(num, den, out=np.ones(t.num_nodes), where=den > 0)
     purity[t.patch_local == 0] = 0.0
     return purity.astype(np.float32)
 
