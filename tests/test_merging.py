@@ -279,3 +279,26 @@ def test_patch_purity_weighs_gaussians_by_what_they_draw():
     assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
     assert int(result.patch_to_global[0][1]) == int(labels[0])
     assert abs(float(result.patch_purity[0][1]) - 20 / 21) < 1e-3
+
+
+def test_gaussians_vote_with_the_weight_they_draw():
+    # B's first 10 Gaussians lie behind A in views 0-2 and show through A's patch faintly (weight 0.1);
+    # views 3, 4 see A and B apart, views 5-7 A and B's other 10. Voting with probabilities, those 10
+    # get three votes for A's id and two for B's; voting with the weight they draw, 0.3 against 2.
+    x, y = list(A), list(B)
+    acc = TraceAccumulator(N, 8)
+    maps = []
+    for v in range(8):
+        if v < 3:
+            gids = torch.tensor(x + y[:10])
+            contrib = Contributions(gids, torch.ones(30, dtype=torch.long), torch.tensor([1.0] * 20 + [0.1] * 10), 2, 1)
+            patch_map = torch.tensor([[0, 1]], dtype=torch.int32)
+        else:
+            contrib, patch_map = _view([x, y] if v < 5 else [x, y[10:]])
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    traces = acc.build()
+    before = consistent_instances(traces, maps, MergeConfig(min_traced=3, vote="probability")).gaussian_labels
+    assert torch.all(before[y[:10]] == before[0]) and before[0] != before[30]
+    labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
+    assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
