@@ -52,11 +52,11 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   round's final labels, after the purity-weighted vote below).
 - **Per-Gaussian label**: the global id with the most votes, a vote being the weight (alpha * T)
   the Gaussian draws in each patch in each view where it is seen, i.e. its probability of the patch
-  times its total weight in the view (``vote="probability"``: the probability alone). Patch 0 says "no mask here", not "no
-  instance": a Gaussian is labelled 0 only when no view puts it in a mask. Its confidence is the
-  winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere). With
-  ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes weighted by its
-  purity under the first vote's labels (patch 0's weight stays 1).
+  times its total weight in the view (``vote="probability"``: the probability alone). Patch 0 says
+  "no mask here", not "no instance": a Gaussian is labelled 0 only when no view puts it in a mask.
+  Its confidence is the winner's share of all votes, those for 0 included (0 for Gaussians seen
+  nowhere). With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
+  weighted by its purity under the first vote's labels (patch 0's weight stays 1).
 
 The sparse products run on the CPU with scipy; the results come back on the store's device.
 """
@@ -134,9 +134,10 @@ class MergeConfig:
     (weight clipped at 1: seed 2 0.895; its square root: 0.906/0.913/0.925/0.826, not adopted: no
     reason for it beyond the score)."""
     purity_weighted_vote: bool = True
-    """After each vote (in every unlinking round), the Gaussians vote again with every patch's votes weighted by
-    its purity (the share of its weight drawn by Gaussians carrying its instance's id): a patch SAM merged from
-    two objects speaks for its instance only as much as its Gaussians agree with it. Measured (as for
+    """After each vote (in every unlinking round), the Gaussians vote again with every patch's votes
+    weighted by its purity (the share of its weight drawn by Gaussians carrying its instance's id): a
+    patch SAM merged from two objects speaks for its instance only as much as its Gaussians agree
+    with it. Measured (as for
     ``unlink_rounds``): 0.890/0.902/0.890/0.805 -> 0.889/0.897/0.907/0.816 (segment purity instead
     of patch purity: the same within 0.001; a second weighted round: within 0.003). Weighting in every
     unlinking round, so that segments are judged by the labels the round ends with, rather than after
@@ -203,7 +204,8 @@ def consistent_instances(
     real = t.patch_local > 0  # [P] patch 0 of a view is no instance
     linkable = np.ones(t.num_nodes, dtype=bool)  # [P] by segment root
     for round_ in range(config.unlink_rounds + 1):
-        links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, real & linkable[segment], config)  # [2, k]
+        linked = real & linkable[segment]  # [P] impure segments take part in no link
+        links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, linked, config)  # [2, k]
         edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
         root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
         global_id = _compact(root, real)  # [P], 0 for patch 0
