@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from trace3d_ns.benchmarks.ablation import VARIANTS, AblationConfig, summary, train_command
-from trace3d_ns.benchmarks.report import ablation_table, dtu_table
+from trace3d_ns.benchmarks.report import ablation_table, foreground_table
 
 
 def _flag(cmd, name):
@@ -37,7 +37,7 @@ def test_report_tables_have_a_row_per_run_with_its_numbers():
     assert rows[3].startswith("| `full` | yes | yes | yes | 0.750 | 0.850 |")
     assert summary(runs)["object_iou_feature"] == {"no_git": 0.25, "full": 0.75}
     dtu = {"num_gaussians": 50, "modes": {"feature": {"miou": 0.5, "macc": 0.875, "num_selected": 7, "reference_view": "a"}}}
-    assert dtu_table(dtu)[2] == "| feature | 0.500 | 0.875 | 7 / 50 | a |"
+    assert foreground_table(dtu)[2] == "| feature | 0.500 | 0.875 | 7 / 50 | a |"
 
 
 def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):

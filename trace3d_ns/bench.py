@@ -45,16 +45,16 @@ def _ablation(args: argparse.Namespace) -> Dict:
     return run_ablation(args.work)
 
 
-def _dtu(args: argparse.Namespace) -> Dict:
-    from trace3d_ns.benchmarks.dtu import run_dtu_benchmark
+def _foreground(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.foreground import run_foreground_benchmark
 
-    return run_dtu_benchmark(args.work)
+    return run_foreground_benchmark(args.scene, args.work)
 
 
 BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "ablation": _ablation,
     "density": _density,
-    "dtu": _dtu,
+    "foreground": _foreground,
     "raster": _raster,
     "masks": _masks,
     "export": _export,
@@ -70,7 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="ablation, dtu: working folder (finished trainings in it are reused)")
+                        help="ablation, density, foreground: working folder (finished trainings in it are reused)")
+    parser.add_argument("--scene", default="dtu_scan37", help="foreground: dtu_scan37 or lego")
     args = parser.parse_args(argv)
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
     text = json.dumps(result, indent=2)

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md from the ablation and DTU benchmarks: run both (or reuse their finished runs in
+"""BENCHMARKS.md from the ablation and foreground (DTU scan 37, LEGO) benchmarks: run them (or reuse their finished runs in
 ``--work``), keep their JSON beside the report, and write the tables.
 
     python -m trace3d_ns.benchmarks.report --out BENCHMARKS.md [--work DIR]
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from trace3d_ns.benchmarks.ablation import VARIANTS, run_ablation
-from trace3d_ns.benchmarks.dtu import run_dtu_benchmark
+from trace3d_ns.benchmarks.foreground import SCENES, run_foreground_benchmark
 
 COMMAND = "bash scripts/benchmarks.sh"
 
@@ -53,7 +53,7 @@ def ablation_table(result: Dict, mode: str) -> List[str]:
     return rows
 
 
-def dtu_table(result: Dict) -> List[str]:
+def foreground_table(result: Dict) -> List[str]:
     rows = ["| selection | foreground mIoU | foreground mAcc | Gaussians selected | reference view |", "|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
         rows.append(f"| {mode} | {_num(r['miou'])} | {_num(r['macc'])} | {r['num_selected']} / {result['num_gaussians']} | "
@@ -61,13 +61,41 @@ def dtu_table(result: Dict) -> List[str]:
     return rows
 
 
-def render(ablation: Dict, dtu: Dict, wall_s: float) -> str:
+SCENE_TEXT = {
+    "dtu_scan37": "DTU scan 37: 49 real 400x300 views, random initialisation, trained at 1/4 then 1/2 resolution; "
+                  "GT = the objects on the bricks (`gt_masks/`)",
+    "lego": "the Blender LEGO: 100 training views 200x200 (RGBA on white), random initialisation, trained at 1/2 "
+            "resolution; GT = alpha > 0.5 of the test images",
+}
+
+
+def foreground_section(result: Dict) -> List[str]:
+    cfg = result["config"]
+    return [
+        f"## Foreground segmentation on {result['scene']} (NVOS metrics)",
+        "",
+        f"{SCENE_TEXT.get(result['scene'], result['scene'])}. Weights-free `superpixel` masks (SAM weights cannot be",
+        f"downloaded here), {cfg['steps']} steps, GIT and feature lifting from step {cfg['git_step']}. Prompts:",
+        f"{cfg['points']} points spread over the GT foreground of one training view; the union of their selections is",
+        "scored on the test views " + ", ".join(f"`{v}`" for v in result["test_views"][:8])
+        + (" ..." if len(result["test_views"]) > 8 else "") + ".",
+        "",
+        *foreground_table(result),
+        "",
+        "```",
+        f"train: {result['commands']['train']}",
+        "```",
+        "",
+    ]
+
+
+def render(ablation: Dict, foreground: Dict[str, Dict], wall_s: float) -> str:
     cfg = ablation["config"]
     lines = [
         "# Benchmarks",
         "",
         f"Produced by `{COMMAND}` (`python -m trace3d_ns.benchmarks.report`), which trains every run below on the CPU",
-        "and measures it; the raw numbers are in `docs/benchmarks/ablation.json` and `docs/benchmarks/dtu.json`.",
+        "and measures it; the raw numbers are in `docs/benchmarks/*.json`.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) per run, no GPU; "
         f"torch {torch.__version__}. Wall time of this report: {wall_s / 60:.0f} min.",
         "",
@@ -111,19 +139,7 @@ def render(ablation: Dict, dtu: Dict, wall_s: float) -> str:
         *[f"{k}: {v}" for k, v in ablation["commands"].items()],
         "```",
         "",
-        "## Foreground segmentation on DTU scan 37 (NVOS metrics)",
-        "",
-        f"`{Path(dtu['data']).name}`: 49 real 400x300 views, random initialisation, weights-free `superpixel` masks",
-        f"(SAM weights cannot be downloaded here), {dtu['config']['steps']} steps at 1/2 resolution, GIT at step",
-        f"{dtu['config']['git_step']}. Prompts: {dtu['config']['points']} points spread over the GT foreground of one",
-        "training view; scored on the test views " + ", ".join(f"`{v}`" for v in dtu["test_views"]) + ".",
-        "",
-        *dtu_table(dtu),
-        "",
-        "```",
-        f"train: {dtu['commands']['train']}",
-        "```",
-        "",
+        *[line for result in foreground.values() for line in foreground_section(result)],
         "## Reading these numbers",
         "",
         "- The paper reports Replica (object extraction mIoU 72.1) and NVOS (mIoU 92.5, mAcc 98.6) with SAM masks,",
@@ -144,12 +160,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     work = args.work.resolve()
     ablation = run_ablation(work / "ablation")
-    dtu = run_dtu_benchmark(work / "dtu")
+    foreground = {scene: run_foreground_benchmark(scene, work / scene) for scene in SCENES}
     results = args.json_dir
     results.mkdir(parents=True, exist_ok=True)
     (results / "ablation.json").write_text(json.dumps(ablation, indent=2) + "\n")
-    (results / "dtu.json").write_text(json.dumps(dtu, indent=2) + "\n")
-    args.out.write_text(render(ablation, dtu, time.perf_counter() - start))
+    for scene, result in foreground.items():
+        (results / f"foreground_{scene}.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(render(ablation, foreground, time.perf_counter() - start))
     print(f"wrote {args.out} (JSON in {results})")
     return 0
 
