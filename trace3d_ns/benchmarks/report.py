@@ -119,7 +119,8 @@ def render(ablation: Dict, foreground: Dict[str, Dict], wall_s: float) -> str:
         f"density control: {cfg['cycles']} cycles from step {cfg['stop_split_at']} every {cfg['every']} steps. "
         "`no_git` and `density_only` lift the features from the raw patches.",
         "",
-        "Selection by **feature similarity** (the lifted 16-D features, threshold 0.5):",
+        "Selection by **feature similarity** (the clicked pixel's rendered 16-D feature against the Gaussians'",
+        "back-projected features, cosine similarity >= 0.7):",
         "",
         *ablation_table(ablation, "feature"),
         "",
@@ -145,6 +146,14 @@ def render(ablation: Dict, foreground: Dict[str, Dict], wall_s: float) -> str:
         "- The paper reports Replica (object extraction mIoU 72.1) and NVOS (mIoU 92.5, mAcc 98.6) with SAM masks,",
         "  GPU training to 30k steps and full resolution. These runs are CPU-sized (a few thousand steps, small",
         "  images, weights-free or synthetic masks): they compare the variants with each other, not with the paper.",
+        "- One seed per variant. The feature loss never moves the geometry, but runs whose label maps differ draw",
+        "  different contrastive samples, so the torch random stream (and splatfacto's densification after it)",
+        "  differs: test PSNR differences of a few tenths of a dB between variants are of that order.",
+        "- *Object IoU (alone)* charges a selection for the parts of its object that other objects hide in a",
+        "  test view; *visible* IoU is the 2D segmentation score.",
+        "- The foreground scenes use superpixels instead of SAM: their segments are object parts (and on LEGO a",
+        "  coarse level stands in for SAM's whole-object masks), and three prompt points select the parts or",
+        "  objects under them, not necessarily the whole foreground.",
         "",
     ]
     return "\n".join(lines)
