@@ -67,13 +67,15 @@ SCENES: Dict[str, ForegroundConfig] = {
         dataparser=["nerfstudio-data", "--center-method", "none", "--auto-scale-poses", "False", "--orientation-method", "none"],
         needs=["transforms.json", "gt_masks"],
     ),
-    # 100 train views 200x200 RGBA (composited on white): 1/2 resolution throughout. A third, coarse
+    # 100 train views 200x200 RGBA, 1/2 resolution throughout. The RGBA images are kept (no
+    # --alpha-color): splatfacto composites them on its random background, so empty space stays empty
+    # (composited on white, all Gaussians together covered the object with IoU 0.32). A third, coarse
     # superpixel level stands in for SAM's whole-object masks: on r_0, scale 2000 gives a segment with
     # IoU 0.92 against the alpha, the default scales' best are 0.11 (100) and 0.20 (500)
     "lego": ForegroundConfig(
         experiment="lego", steps=1500, num_downscales=1, resolution_schedule=3000, git_step=600, stop_split_at=1200,
         mask_flags=["--pipeline.datamanager.superpixel.scales", "100", "500", "2000"],
-        dataparser=["blender-data"], needs=["transforms_train.json", "transforms_test.json"],
+        dataparser=["blender-data", "--alpha-color", "None"], needs=["transforms_train.json", "transforms_test.json"],
     ),
 }
 
