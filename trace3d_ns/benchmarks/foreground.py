@@ -51,8 +51,10 @@ class ForegroundConfig:
     at radius 2.5-3); nerfstudio's default recentring and splatfacto's default cube of side 10 put
     many of them at the cameras, as huge splats that make CPU steps take seconds."""
     train_seed: int = 42
-    points: int = 3
-    """Prompt points on the GT foreground (the union of their selections is scored)."""
+    points: int = 16
+    """Prompt points spread over the GT foreground (the union of their selections is scored): NVOS
+    prompts with scribbles; with part-level instances (superpixel masks split objects into parts in
+    every view, so tracing keeps the parts apart) a few points select only the parts under them."""
     mask_flags: List[str] = field(default_factory=list)
     """Extra mask-source flags."""
     dataparser: List[str] = field(default_factory=list)
