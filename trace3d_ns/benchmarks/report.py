@@ -151,9 +151,10 @@ def render(ablation: Dict, foreground: Dict[str, Dict], wall_s: float) -> str:
         "  differs: test PSNR differences of a few tenths of a dB between variants are of that order.",
         "- *Object IoU (alone)* charges a selection for the parts of its object that other objects hide in a",
         "  test view; *visible* IoU is the 2D segmentation score.",
-        "- The foreground scenes use superpixels instead of SAM: their segments are object parts (and on LEGO a",
-        "  coarse level stands in for SAM's whole-object masks), and three prompt points select the parts or",
-        "  objects under them, not necessarily the whole foreground.",
+        "- The foreground scenes use superpixels instead of SAM. A pixel's patch is the intersection of the masks",
+        "  covering it, so where every view splits an object into parts (LEGO's bricks and studs, DTU's tools), the",
+        "  traced instances are those parts, and a point selects the part under it: the union of the 16 points'",
+        "  selections is scored, like NVOS's scribbles, not one click.",
         "",
     ]
     return "\n".join(lines)
