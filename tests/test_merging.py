@@ -133,6 +133,15 @@ def test_render_label_map_takes_the_heaviest_label():
     assert render_label_map(contrib, labels, min_alpha=0.0).tolist() == [[7, 7, 0]]  # 0.6 beats 0.5; pixel 2 empty
     assert render_label_map(contrib, labels).tolist() == [[7, 0, 0]]  # pixel 1 is too faint (alpha 0.3 < 0.5)
 
+def _three_distinct_instances(result) -> list:
+    """The instance ids of objects A, B, C; asserts each object has one id of its own (never 0)."""
+    labels = result.gaussian_labels
+    ids = [int(labels[list(obj)].mode().values) for obj in (A, B, C)]
+    assert len(set(ids)) == 3 and 0 not in ids
+    for obj, i in zip((A, B, C), ids):
+        assert torch.all(labels[list(obj)] == i)
+    return ids
+
 
 def test_bridging_segment_in_one_view_does_not_fuse_objects_kept_apart_elsewhere():
     # View 1 has one segment over B and C (SAM merged them); view 2 has one over A and B. Every other
@@ -141,11 +150,7 @@ def test_bridging_segment_in_one_view_does_not_fuse_objects_kept_apart_elsewhere
     views[1] = [list(A), list(B) + list(C)]
     views[2] = [list(A) + list(B), list(C)]
     result = _run(views)
-    labels = result.gaussian_labels
-    ids = [int(labels[list(obj)].mode().values) for obj in (A, B, C)]
-    assert len(set(ids)) == 3 and 0 not in ids
-    for obj, i in zip((A, B, C), ids):
-        assert torch.all(labels[list(obj)] == i)
+    ids = _three_distinct_instances(result)
     for v in (0, 3, 4, 5):
         assert result.patch_to_global[v][1:].tolist() == ids
     # The bridging patches take one of their objects' ids and are marked impure (half their Gaussians).
@@ -202,11 +207,7 @@ def test_segments_merged_by_sam_in_several_views_do_not_chain_two_objects():
         [list(A), b[4:16], c[4:]],
     ]
     result = _run(views)
-    labels = result.gaussian_labels
-    ids = [int(labels[list(obj)].mode().values) for obj in (A, B, C)]
-    assert len(set(ids)) == 3 and 0 not in ids
-    for obj, i in zip((A, B, C), ids):
-        assert torch.all(labels[list(obj)] == i)
+    ids = _three_distinct_instances(result)
     for v in range(2, 7):  # the views that keep B and C apart
         assert result.patch_to_global[v][1:].tolist() == ids
     # The merged segments take one of the two ids and are marked impure.
