@@ -19,7 +19,7 @@ WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing the pinned stack (torch 2.14.1, nerfstudio 1.1.5, gsplat 1.4.0, segment-anything 1.0); first time takes ~4 min"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip wheel
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,sam2]"
   echo "$WANT" > "$STAMP"
 fi
 # open3d (imported by `ns-export`) needs libusb; install it where we can (Debian, as root).
