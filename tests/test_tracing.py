@@ -176,7 +176,7 @@ class _FakeModel:
     def __init__(self, scene) -> None:
         self.scene = scene
         self.device = torch.device("cpu")
-        self.config = type("Config", (), {"rasterize_mode": "classic"})()
+        self.config = type("Config", (), {"rasterize_mode": "classic", "rasterizer": "auto"})()
 
     def activated_gaussians(self):
         s = self.scene

@@ -1,14 +1,14 @@
 """Trace3DModel: splatfacto on any device, rendering through `trace3d_ns.rendering`.
 
 Differences from `SplatfactoModel`: no `.cuda()` (everything follows the model's device), the
-rasterizer is chosen by device (gsplat on CUDA, the torch backend elsewhere), and LPIPS is only
-built when its weights are already on disk.
+rasterizer backend is a config field (by default gsplat on CUDA, the compiled kernels on the CPU),
+and LPIPS is only built when its weights are already on disk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Type, Union
+from typing import Dict, List, Literal, Optional, Type, Union
 
 import torch
 from gsplat.strategy import DefaultStrategy
@@ -35,7 +35,7 @@ from trace3d_ns.rendering import rasterize, rasterize_with_extra
 
 @dataclass
 class Trace3DModelConfig(SplatfactoModelConfig):
-    """Gaussian splatting with Gaussian Instance Tracing, on CUDA (gsplat) or CPU (torch backend)."""
+    """Gaussian splatting with Gaussian Instance Tracing, on CUDA (gsplat) or the CPU (compiled kernels)."""
 
     _target: Type = field(default_factory=lambda: Trace3DModel)
     feature_dim: int = 16
@@ -56,10 +56,16 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     Gaussians for feature-similarity selection (see ``trace3d_ns.features.backprojection``)."""
     feature_grad_to_geometry: bool = False
     """Whether the contrastive loss may move means, scales, rotations and opacities."""
+    rasterizer: Literal["auto", "gsplat", "compiled", "torch"] = "auto"
+    """Rasterizer backend. auto: gsplat's kernels on CUDA, the compiled (numba) tile kernels on the
+    CPU; compiled / gsplat: force one (CPU / CUDA only); torch: the tile-based torch rasterizer,
+    the reference (slower). Without numba, compiled falls back to torch with one warning."""
     cpu_threads: int = 1
-    """torch intra-op threads when the model runs on the CPU (0 = torch's default). The torch
-    rasterizer works on many mid-sized tensors, where extra threads mostly spin: one thread was
-    4x faster than two on a loaded 2-core machine."""
+    """torch intra-op threads when the model runs on the CPU (0 = torch's default). Around the
+    compiled kernels torch works on many mid-sized tensors, where extra threads mostly spin: one
+    thread was 4x faster than two on a loaded 2-core machine."""
+    compiled_threads: int = 0
+    """Threads of the compiled CPU kernels, parallel over image tiles (0 = every core)."""
 
 
 class Trace3DModel(SplatfactoModel):
@@ -72,6 +78,13 @@ class Trace3DModel(SplatfactoModel):
         super().__init__(*args, **kwargs)
         if device.type == "cpu" and self.config.cpu_threads > 0:
             torch.set_num_threads(self.config.cpu_threads)
+        from trace3d_ns.rendering import resolve_backend
+
+        self.backend = resolve_backend(self.config.rasterizer, device)  # warns once if it falls back
+        if self.backend == "compiled":
+            from trace3d_ns.cuda.compiled import set_threads
+
+            set_threads(self.config.compiled_threads)
 
     # ---- set-up -------------------------------------------------------------------------------
     def populate_modules(self) -> None:
@@ -276,6 +289,7 @@ class Trace3DModel(SplatfactoModel):
         kwargs = dict(
             packed=False, near_plane=0.01, far_plane=1e10, render_mode=render_mode, sh_degree=sh_degree,
             sparse_grad=False, absgrad=self.strategy.absgrad, rasterize_mode=self.config.rasterize_mode,
+            backend=self.config.rasterizer,
         )
         features = None
         if self.has_features and (not self.training or self.step >= self.config.feature_start_step):

@@ -1,16 +1,22 @@
-"""One rasterization interface, two backends, chosen by the tensors' device.
+"""One rasterization interface, three backends.
 
-- CUDA tensors: gsplat's fused kernels (`gsplat.rendering.rasterization`).
-- Any other device: the project's tile-based torch rasterizer (`trace3d_ns.cuda.rasterization`).
+- `gsplat`: gsplat's fused CUDA kernels (`gsplat.rendering.rasterization`), CUDA tensors only.
+- `compiled`: the project's numba tile kernels (`trace3d_ns.cuda.compiled`), CPU tensors only.
+- `torch`: the project's tile-based torch rasterizer, any device; the reference the others are
+  tested against.
 
-Both return `(render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta)` with the `meta` keys
+`backend="auto"` (the default everywhere) takes gsplat for CUDA tensors and the compiled kernels
+for CPU tensors, falling back to torch (with one warning saying why) when numba cannot run.
+All return `(render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta)` with the `meta` keys
 that gsplat's strategies read. `contributions` lists, for one camera, every (Gaussian, pixel,
-alpha * T) triple the compositor used: the primitive of Gaussian Instance Tracing.
+alpha * T) triple the compositor used: the primitive of Gaussian Instance Tracing;
+`patch_weights` gives its per-view sums per (Gaussian, patch) directly.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -18,13 +24,45 @@ import torch
 from torch import Tensor
 
 
-def rasterize(means: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
-    """`gsplat.rendering.rasterization` signature; dispatches on `means.device`."""
-    if means.is_cuda:
+BACKENDS = ("auto", "gsplat", "compiled", "torch")
+_WARNED: set = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for tensors on `device`: "gsplat", "compiled" or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rasterizer backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "gsplat" and device.type != "cuda":
+        raise ValueError(f"the gsplat backend needs CUDA tensors, got {device}; use 'auto', 'compiled' or 'torch'")
+    if backend == "compiled" and device.type != "cpu":
+        raise ValueError(f"the compiled backend runs on the CPU, got {device}; use 'auto', 'gsplat' or 'torch'")
+    if backend == "auto":
+        backend = "gsplat" if device.type == "cuda" else "compiled" if device.type == "cpu" else "torch"
+    if backend == "compiled":
+        from trace3d_ns.cuda.compiled import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            if reason not in _WARNED:
+                _WARNED.add(reason)
+                warnings.warn(f"trace3d: the compiled CPU rasterizer cannot run ({reason}); using the torch backend")
+            return "torch"
+    return backend
+
+
+def rasterize(
+    means: Tensor, *args: Any, backend: str = "auto", **kwargs: Any
+) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """`gsplat.rendering.rasterization` signature, on the chosen backend (see the module docstring)."""
+    backend = resolve_backend(backend, means.device)
+    if backend == "gsplat":
         from gsplat.rendering import rasterization
-    else:
-        from trace3d_ns.cuda.rasterization import rasterization
-    return rasterization(means, *args, **kwargs)
+
+        return rasterization(means, *args, **kwargs)
+    from trace3d_ns.cuda.rasterization import rasterization
+
+    return rasterization(means, *args, backend=backend, **kwargs)
 
 
 def rasterize_with_extra(
@@ -39,26 +77,32 @@ def rasterize_with_extra(
     height: int,
     extra_colors: Tensor,  # [N, E] e.g. instance features
     extra_grad_to_geometry: bool = False,
+    backend: str = "auto",
     **kwargs: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
     """`rasterize` plus `extra_colors` composited like colour (no background): returns
-    (render_colors, render_alphas, meta, extra [C, H, W, E]). The torch backend reuses the colour
-    pass's pairs and weights; on CUDA gsplat renders a second pass (with detached geometry unless
+    (render_colors, render_alphas, meta, extra [C, H, W, E]). The CPU backends composite them in
+    the colour pass; on CUDA gsplat renders a second pass (with detached geometry unless
     `extra_grad_to_geometry`)."""
-    if not means.is_cuda:
+    backend = resolve_backend(backend, means.device)
+    if backend != "gsplat":
         from trace3d_ns.cuda.rasterization import rasterization
 
         out = rasterization(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, **kwargs,
+            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, backend=backend, **kwargs,
         )
         return out[0], out[1], out[2], out[2].pop("extra_render")
-    render, alpha, meta = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+    render, alpha, meta = rasterize(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, backend=backend, **kwargs
+    )
     geometry = [means, quats, scales, opacities]
     if not extra_grad_to_geometry:
         geometry = [t.detach() for t in geometry]
     extra_kwargs = {k: v for k, v in kwargs.items() if k in ("near_plane", "far_plane", "rasterize_mode", "eps2d")}
-    extra, _, _ = rasterize(*geometry, extra_colors, viewmats, Ks, width, height, packed=False, **extra_kwargs)
+    extra, _, _ = rasterize(
+        *geometry, extra_colors, viewmats, Ks, width, height, packed=False, backend=backend, **extra_kwargs
+    )
     return render, alpha, meta, extra
 
 
@@ -96,6 +140,7 @@ def contributions(
     rasterize_mode: str = "classic",
     tile_size: int = 16,
     indices_fn: Optional[IndicesFn] = None,
+    backend: str = "auto",
 ) -> Contributions:
     """Every (Gaussian, pixel, alpha * T) pair of one view, exactly as the renderer composites them.
 
@@ -103,12 +148,14 @@ def contributions(
     renderer); elsewhere from the torch backend's tile enumeration. `indices_fn` overrides the
     pair source with a function of gsplat's `rasterize_to_indices_in_range` signature (tests use
     the torch twin `trace3d_ns.cuda.indices.rasterize_to_indices_in_range` to exercise this path).
+    On the CPU the compiled kernels list the pairs in the same order.
     """
     from trace3d_ns.cuda.projection import project_gaussians
     from trace3d_ns.cuda.rasterization import pair_weights
     from trace3d_ns.cuda.tiles import intersect_tiles
 
-    if means.is_cuda and indices_fn is None:
+    backend = resolve_backend(backend, means.device)
+    if backend == "gsplat" and indices_fn is None:
         from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
         from gsplat.cuda._wrapper import rasterize_to_indices_in_range as indices_fn
 
@@ -131,6 +178,13 @@ def contributions(
             flatten_ids, offsets = isect.flatten_ids, isect.isect_offsets
     opac = opacities[None] if comp is None else opacities[None] * comp  # [1, N]
 
+    if backend == "compiled" and indices_fn is None:
+        from trace3d_ns.cuda import compiled
+
+        gids, pids, weights = compiled.contributing_pairs(
+            means2d[0], conics[0], opac[0], radii[0], depths[0], width, height, tile_size
+        )
+        return Contributions(gids, pids, weights, width, height)
     if indices_fn is not None:
         transmittances = torch.ones(1, height, width, device=means.device)
         gids, pids, _ = indices_fn(
@@ -146,3 +200,48 @@ def contributions(
         return Contributions(gids, pids, weights.float(), width, height)
     weights = pair_weights(gids, pids, means2d[0][gids], conics[0], opac[0], width)
     return Contributions(gids, pids, weights.float(), width, height)
+
+
+@torch.no_grad()
+def patch_weights(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] (activated)
+    opacities: Tensor,  # [N] (activated)
+    viewmat: Tensor,  # [4, 4]
+    K: Tensor,  # [3, 3]
+    patch_map: Tensor,  # [H, W] int patch id of every pixel
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    rasterize_mode: str = "classic",
+    tile_size: int = 16,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gaussian Instance Tracing's sums for one view: (gaussian [U] int64, patch [U] int64, weight
+    [U] float32), the total alpha * T each Gaussian puts into each patch, one row per (Gaussian,
+    patch) with weight > 0, sorted by Gaussian then patch.
+
+    The compiled backend sums inside the kernel, without listing the view's pairs; the others sum
+    the pairs of `contributions` (the reference)."""
+    height, width = patch_map.shape
+    backend = resolve_backend(backend, means.device)
+    if backend != "compiled":
+        c = contributions(
+            means, quats, scales, opacities, viewmat, K, width, height, near_plane, far_plane, eps2d, rasterize_mode,
+            tile_size, backend=backend,
+        )
+        labels = patch_map.reshape(-1).to(c.pixel_ids.device).long()[c.pixel_ids]  # [P]
+        from trace3d_ns.cuda.tiles import sum_pairs_by_patch
+
+        return sum_pairs_by_patch(c.gaussian_ids, labels, c.weights)
+    from trace3d_ns.cuda import compiled
+    from trace3d_ns.cuda.projection import project_gaussians
+
+    radii, means2d, depths, conics, comp = project_gaussians(
+        means, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane,
+        far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+    )
+    opac = opacities if comp is None else opacities * comp[0]  # [N]
+    return compiled.patch_weights(means2d[0], conics[0], opac, radii[0], depths[0], patch_map, tile_size)
+

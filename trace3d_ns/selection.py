@@ -30,7 +30,7 @@ def camera_contributions(model, camera) -> Contributions:
     viewmat, K, W, H = full_resolution_matrices(model, camera)
     return contributions(
         g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(),
-        viewmat[0], K[0], W, H, rasterize_mode=model.config.rasterize_mode,
+        viewmat[0], K[0], W, H, rasterize_mode=model.config.rasterize_mode, backend=model.config.rasterizer,
     )
 
 

@@ -1,9 +1,13 @@
-"""Tile-based torch rasterizer: gsplat 1.4.0 `rasterization(packed=False)` on any device.
+"""gsplat 1.4.0 `rasterization(packed=False)` off CUDA, with two compositors.
 
-The CPU backend of trace3d-ns. Projection and colour evaluation are differentiable torch; the
-(Gaussian, pixel) pairs that contribute are found without gradients per 16x16 tile
-(`tiles.contributing_pairs`), then alpha, transmittance and the composite are recomputed on
-those pairs only, with autograd. Memory and time grow with contributions, not Gaussians x pixels.
+Projection, colour evaluation (SH) and tile binning are differentiable torch, shared. Compositing:
+
+- `backend="torch"` (the reference, any device): the (Gaussian, pixel) pairs that contribute are
+  found without gradients per 16x16 tile (`tiles.contributing_pairs`), then alpha, transmittance
+  and the composite are recomputed on those pairs only, with autograd. Memory and time grow with
+  contributions, not Gaussians x pixels.
+- `backend="compiled"` (CPU): the numba tile kernels of `compiled` (forward front to back, backward
+  back to front as gsplat's), parallel over tiles.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ def rasterization(
     camera_model: str = "pinhole",
     extra_colors: Optional[Tensor] = None,  # [N, E]
     extra_grad_to_geometry: bool = False,
+    backend: str = "torch",
     **unsupported: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Same arguments, outputs and `meta` as `gsplat.rendering.rasterization(packed=False)`.
@@ -113,8 +118,10 @@ def rasterization(
     Returns (render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta). Beyond gsplat:
     `extra_colors` are composited with the same pairs and weights (no second pass) and returned as
     `meta["extra_render"]` [C, H, W, E], without background; their gradients reach the geometry
-    only with `extra_grad_to_geometry`.
+    only with `extra_grad_to_geometry`. `backend`: "torch" or "compiled" (CPU tensors only).
     """
+    if backend not in ("torch", "compiled"):
+        raise ValueError(f"backend must be 'torch' or 'compiled', got {backend!r}")
     if packed or camera_model != "pinhole" or sparse_grad or unsupported:
         extra = ", ".join(sorted(unsupported))
         raise NotImplementedError(
@@ -155,24 +162,11 @@ def rasterization(
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
     absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
-    renders, alphas, extras = [], [], []
-    for c in range(C):
-        gids, pids = contributing_pairs(
-            proj.means2d[c].detach(), proj.conics[c].detach(), opacities_c[c].detach(), proj.radii[c],
-            proj.depths[c].detach(), width, height, tile_size,
-        )
-        image, alpha, _, extra = composite_pairs(
-            gids, pids, proj.means2d[c], proj.conics[c], opacities_c[c], colors_c[c], width, height,
-            absgrad=None if absgrad_buffer is None else absgrad_buffer[c],
-            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry,
-        )
-        if extra is not None:
-            extras.append(extra.reshape(height, width, -1))
-        if backgrounds is not None:
-            image = image + (1.0 - alpha)[:, None] * backgrounds[c]
-        renders.append(image.reshape(height, width, -1))
-        alphas.append(alpha.reshape(height, width, 1))
-    render_colors, render_alphas = torch.stack(renders), torch.stack(alphas)  # [C, H, W, X], [C, H, W, 1]
+    composite = _composite_compiled if backend == "compiled" else _composite_torch
+    render_colors, render_alphas, extra_render = composite(
+        proj.means2d, proj.conics, opacities_c, colors_c, backgrounds, proj.radii, proj.depths, isect, width, height,
+        tile_size, absgrad_buffer, extra_colors, extra_grad_to_geometry,
+    )  # [C, H, W, X], [C, H, W, 1], [C, H, W, E] or None
 
     if render_mode in ("ED", "RGB+ED"):
         render_colors = torch.cat(
@@ -199,6 +193,55 @@ def rasterization(
         "tile_size": tile_size,
         "n_cameras": C,
     }
-    if extras:
-        meta["extra_render"] = torch.stack(extras)  # [C, H, W, E]
+    if extra_render is not None:
+        meta["extra_render"] = extra_render  # [C, H, W, E]
     return render_colors, render_alphas, meta
+
+
+def _composite_torch(
+    means2d, conics, opacities, colors, backgrounds, radii, depths, isect, width, height, tile_size, absgrad_buffer,
+    extra_colors, extra_grad_to_geometry,
+):
+    """Per camera: the contributing pairs, then `composite_pairs` with autograd."""
+    renders, alphas, extras = [], [], []
+    for c in range(colors.shape[0]):
+        gids, pids = contributing_pairs(
+            means2d[c].detach(), conics[c].detach(), opacities[c].detach(), radii[c], depths[c].detach(),
+            width, height, tile_size,
+        )
+        image, alpha, _, extra = composite_pairs(
+            gids, pids, means2d[c], conics[c], opacities[c], colors[c], width, height,
+            absgrad=None if absgrad_buffer is None else absgrad_buffer[c],
+            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry,
+        )
+        if extra is not None:
+            extras.append(extra.reshape(height, width, -1))
+        if backgrounds is not None:
+            image = image + (1.0 - alpha)[:, None] * backgrounds[c]
+        renders.append(image.reshape(height, width, -1))
+        alphas.append(alpha.reshape(height, width, 1))
+    return torch.stack(renders), torch.stack(alphas), torch.stack(extras) if extras else None
+
+
+def _composite_compiled(
+    means2d, conics, opacities, colors, backgrounds, radii, depths, isect, width, height, tile_size, absgrad_buffer,
+    extra_colors, extra_grad_to_geometry,
+):
+    """All cameras in one pass of the compiled kernels; extra colours ride along as channels with a
+    zero background, their gradients kept off the geometry unless asked."""
+    from trace3d_ns.cuda import compiled
+
+    C, _, D = colors.shape
+    channels = colors
+    if extra_colors is not None:
+        channels = torch.cat([colors, extra_colors.expand(C, -1, -1).to(colors.dtype)], dim=-1)  # [C, N, D + E]
+        if backgrounds is not None:
+            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, extra_colors.shape[-1])], dim=-1)
+    geometry = channels.shape[-1] if extra_grad_to_geometry or extra_colors is None else D
+    render, alpha = compiled.composite(
+        means2d, conics, opacities, channels, backgrounds, isect, width, height, tile_size,
+        absgrad=absgrad_buffer, geometry_channels=geometry,
+    )
+    if extra_colors is None:
+        return render, alpha, None
+    return render[..., :D], alpha, render[..., D:]

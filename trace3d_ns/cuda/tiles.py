@@ -11,7 +11,7 @@ Pairs come grouped by pixel, front to back within a pixel (the layout of gsplat'
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -275,3 +275,12 @@ def contributing_pairs(
     used, log_t = _saturation_and_transmittance(alpha, pix)
     weights = alpha[used] * torch.exp(log_t[used]).to(alpha.dtype)
     return order[rank[used]], pix[used].long(), weights
+
+
+def sum_pairs_by_patch(gaussian_ids: Tensor, labels: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sum per-pair weights per (Gaussian, patch): (gaussian [U], patch [U], weight [U]) sorted by
+    Gaussian then patch (exact: sorted unique keys, then a scatter-add)."""
+    num_labels = int(labels.max()) + 1 if labels.numel() else 1
+    keys, inverse = torch.unique(gaussian_ids * num_labels + labels, return_inverse=True)  # [U], [P]
+    sums = torch.zeros(keys.numel(), dtype=torch.float64, device=weights.device).index_add_(0, inverse, weights.double())
+    return torch.div(keys, num_labels, rounding_mode="floor"), keys % num_labels, sums.float()

@@ -88,8 +88,18 @@ def trace_view(
         keys, inverse = torch.unique(pair_key, return_inverse=True)  # [U], [P]
         w = torch.zeros(keys.numel(), device=device).index_add_(0, inverse, pair_w)  # [U]
     gaussian = torch.div(keys, num_labels, rounding_mode="floor")  # [U] ascending
-    patch = keys - gaussian * num_labels  # [U]
+    return trace_sums(gaussian, keys - gaussian * num_labels, w, config)
 
+
+def trace_sums(
+    gaussian: Tensor,  # [U] int64 ascending
+    patch: Tensor,  # [U] int64, one row per (Gaussian, patch)
+    w: Tensor,  # [U] float32 summed weight of the Gaussian in the patch
+    config: TraceConfig,
+) -> ViewTrace:
+    """Normalise per-(Gaussian, patch) sums per Gaussian and keep the top-k patches: the part of
+    `trace_view` after its scatter-add, for sums computed elsewhere (`rendering.patch_weights`)."""
+    device = gaussian.device
     obs_gaussian, obs_of_key = torch.unique_consecutive(gaussian, return_inverse=True)  # [O], [U]
     total = torch.zeros(obs_gaussian.numel(), device=device).index_add_(0, obs_of_key, w)  # [O]
     prob = w / total[obs_of_key]  # [U]
@@ -342,6 +352,16 @@ class TraceAccumulator:
         flat = patch_map.reshape(-1).to(contrib.pixel_ids.device).long()  # [H*W]
         num_labels = int(flat.max()) + 1 if flat.numel() else 1
         trace = trace_view(contrib.gaussian_ids, flat[contrib.pixel_ids], contrib.weights, num_labels, self.config)
+        return self._add(view, trace, num_labels)
+
+    def add_view_sums(self, view: int, gaussian: Tensor, patch: Tensor, weight: Tensor, num_labels: int) -> ViewTrace:
+        """Trace one view from its per-(Gaussian, patch) weight sums (``rendering.patch_weights``;
+        weight mode only) over a patch map with ``num_labels`` ids."""
+        if self.config.mode != "weight":
+            raise ValueError("per-patch sums carry alpha * T weights: count mode needs the pairs (add_view)")
+        return self._add(view, trace_sums(gaussian, patch, weight, self.config), num_labels)
+
+    def _add(self, view: int, trace: ViewTrace, num_labels: int) -> ViewTrace:
         self.num_patches[view] = num_labels
         self._views.append((view, trace))
         return trace
@@ -403,12 +423,22 @@ def trace_model(
     """
     from rich.progress import track
 
+    from trace3d_ns.rendering import patch_weights
+
     g = model.activated_gaussians()
     acc = TraceAccumulator(g["means"].shape[0], len(patch_maps), config)
     indices = range(len(patch_maps)) if views is None else views
     for i in track(indices, description="Tracing Gaussian instances", disable=not progress):
         patch_map = patch_maps[i].to(model.device)
-        acc.add_view(i, view_contributions(model, cameras, i, tuple(patch_map.shape), g), patch_map)
+        if acc.config.mode != "weight":
+            acc.add_view(i, view_contributions(model, cameras, i, tuple(patch_map.shape), g), patch_map)
+            continue
+        viewmat, K = _view_camera(model, cameras, i, tuple(patch_map.shape))
+        sums = patch_weights(
+            g["means"], g["quats"], g["scales"], g["opacities"], viewmat, K, patch_map,
+            rasterize_mode=model.config.rasterize_mode, backend=model.config.rasterizer,
+        )  # per (Gaussian, patch), without listing the view's pairs on the compiled backend
+        acc.add_view_sums(i, *sums, int(patch_map.max()) + 1 if patch_map.numel() else 1)
     return acc.build()
 
 
@@ -420,13 +450,19 @@ def view_contributions(model, cameras, index: int, size: Tuple[int, int], gaussi
     from trace3d_ns.rendering import contributions
 
     g = model.activated_gaussians() if gaussians is None else gaussians
+    viewmat, K = _view_camera(model, cameras, index, size)
+    return contributions(
+        g["means"], g["quats"], g["scales"], g["opacities"], viewmat, K, size[1], size[0],
+        rasterize_mode=model.config.rasterize_mode, backend=model.config.rasterizer,
+    )
+
+
+def _view_camera(model, cameras, index: int, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """(viewmat [4, 4], K [3, 3]) of training view ``index`` with K rescaled to ``size`` = (H, W)."""
     viewmat, K, width, height = model.camera_matrices(cameras[index : index + 1])
     ph, pw = size
     scale = torch.tensor([pw / width, ph / height, 1.0], device=K.device)[:, None]
-    return contributions(
-        g["means"], g["quats"], g["scales"], g["opacities"], viewmat[0], K[0] * scale, pw, ph,
-        rasterize_mode=model.config.rasterize_mode,
-    )
+    return viewmat[0], K[0] * scale
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:

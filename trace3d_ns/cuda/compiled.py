@@ -1,0 +1,269 @@
+"""The compiled CPU backend: torch glue around the numba kernels of `cpu_kernels`.
+
+- `composite`: differentiable compositing of projected Gaussians (a `torch.autograd.Function`
+  whose forward and backward are the compiled tile kernels), the compositor of
+  `trace3d_ns.cuda.rasterization.rasterization(backend="compiled")`.
+- `contributing_pairs`: every (Gaussian, pixel, alpha * T) pair of one camera, grouped by pixel
+  and front to back within a pixel (the layout of `tiles.contributing_pairs`).
+- `patch_weights`: per-view GIT sums, weight per (Gaussian, patch), without listing the pairs.
+
+`load()` compiles (or loads from numba's cache) the kernels once; when numba is missing or
+cannot cache, `unavailable_reason()` says why and callers fall back to the torch backend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trace3d_ns.cuda.tiles import TileIntersections, sum_pairs_by_patch
+
+_LOCK = threading.Lock()
+_KERNELS: Optional[ModuleType] = None
+_UNAVAILABLE: Optional[str] = None
+
+
+def load() -> ModuleType:
+    """The kernel module; raises RuntimeError naming the cause when it cannot be used."""
+    global _KERNELS, _UNAVAILABLE
+    if _KERNELS is not None:
+        return _KERNELS
+    if _UNAVAILABLE is not None:
+        raise RuntimeError(_UNAVAILABLE)
+    with _LOCK:
+        if _KERNELS is None and _UNAVAILABLE is None:
+            try:
+                import numba  # noqa: F401
+            except ImportError as err:
+                _UNAVAILABLE = f"numba is not installed ({err}); install it with `pip install numba`"
+            else:
+                try:
+                    from trace3d_ns.cuda import cpu_kernels
+                except Exception as err:  # numba raises RuntimeError when no cache folder is writable
+                    _UNAVAILABLE = (
+                        f"numba cannot compile or cache the kernels ({type(err).__name__}: {err}); "
+                        "make NUMBA_CACHE_DIR point to a writable folder"
+                    )
+                else:
+                    _KERNELS = cpu_kernels
+    if _KERNELS is None:
+        raise RuntimeError(_UNAVAILABLE)
+    return _KERNELS
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the compiled backend can run, else why not."""
+    try:
+        load()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def set_threads(threads: int) -> None:
+    """Threads the kernels use (0 = all cores numba sees)."""
+    import numba
+
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if threads <= 0 else min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _np(t: Tensor, dtype) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+
+
+def _tile_starts(isect: TileIntersections) -> np.ndarray:
+    """[C * tiles + 1] int64: first entry of every tile, then the entry count."""
+    starts = isect.isect_offsets.reshape(-1).long()
+    return np.append(_np(starts, np.int64), np.int64(isect.flatten_ids.numel()))
+
+
+def _check_memory(num_bytes: int, num_gaussians: int, width: int, height: int, what: str) -> None:
+    """MemoryError with the scene's size when `num_bytes` exceed the memory available now."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if num_bytes > available:
+        raise MemoryError(
+            f"the compiled rasterizer needs {num_bytes / 2**30:.1f} GiB for {what} of {num_gaussians} Gaussians "
+            f"at {width}x{height}, but only {available / 2**30:.1f} GiB are free: use fewer Gaussians, "
+            "a smaller image (--pipeline.model.num-downscales) or the GPU"
+        )
+
+
+class _Composite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout):
+        kernels = load()
+        starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
+        C = backgrounds.shape[0]
+        K = colors.shape[-1]
+        num_pixels = C * width * height
+        arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), _np(colors, np.float32))
+        bg = _np(backgrounds, np.float32)
+        out = np.empty((num_pixels, K), dtype=np.float32)
+        trans = np.empty(num_pixels, dtype=np.float64)
+        last = np.empty(num_pixels, dtype=np.int32)
+        i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        with _LOCK:
+            kernels.composite_tiles(
+                kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
+                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32,
+            )
+        ctx.save_for_backward(means2d, conics, opacities, colors, backgrounds)
+        ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad)
+        render = torch.from_numpy(out).to(colors.dtype).reshape(C, height, width, K)
+        alpha = torch.from_numpy(1.0 - trans).to(colors.dtype).reshape(C, height, width, 1)
+        return render, alpha
+
+    @staticmethod
+    def backward(ctx, v_render, v_alpha):
+        kernels = load()
+        means2d, conics, opacities, colors, backgrounds = ctx.saved_tensors
+        arrays, bg, trans, last, layout, geometry, absgrad = ctx.state
+        starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
+        M, K = flat.shape[0], colors.shape[-1]
+        v_means = np.zeros((M, 2), np.float32)
+        v_conics = np.zeros((M, 3), np.float32)
+        v_opac = np.zeros(M, np.float32)
+        v_colors = np.zeros((M, K), np.float32)
+        abs_means = np.zeros((M, 2), np.float32)
+        with _LOCK:
+            kernels.backward_tiles(
+                *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam, geometry,
+                trans, last, _np(v_render.reshape(-1, K), np.float32), _np(v_alpha.reshape(-1), np.float32),
+                v_means, v_conics, v_opac, v_colors, abs_means,
+            )
+        index = torch.from_numpy(flat.astype(np.int64))  # [M] entry -> flattened (camera, Gaussian)
+
+        def per_gaussian(per_entry: np.ndarray, like: Tensor) -> Tensor:
+            grad = torch.zeros(like.shape[0], *per_entry.shape[1:], dtype=torch.float32)
+            return grad.index_add_(0, index, torch.from_numpy(per_entry)).to(like.dtype)
+
+        if absgrad is not None:
+            absgrad.view(-1, 2).add_(per_gaussian(abs_means, means2d).to(absgrad.device))
+        ctx.state = None
+        return (
+            per_gaussian(v_means, means2d),
+            per_gaussian(v_conics, conics),
+            per_gaussian(v_opac, opacities),
+            per_gaussian(v_colors, colors),
+            None, None, None, None,
+        )
+
+
+def composite(
+    means2d: Tensor,  # [C, N, 2]
+    conics: Tensor,  # [C, N, 3]
+    opacities: Tensor,  # [C, N]
+    colors: Tensor,  # [C, N, K]
+    backgrounds: Optional[Tensor],  # [C, K] or None (black)
+    isect: TileIntersections,
+    width: int,
+    height: int,
+    tile_size: int,
+    absgrad: Optional[Tensor] = None,  # [C, N, 2] filled with sum |dL/dmeans2d| in backward
+    geometry_channels: Optional[int] = None,  # channels whose gradients reach the geometry (default all)
+) -> Tuple[Tensor, Tensor]:
+    """Differentiable front-to-back compositing: (render [C, H, W, K], alphas [C, H, W, 1]).
+
+    Channels from `geometry_channels` on still get colour gradients, but their loss does not move
+    means2d, conics or opacities (features lifted without moving the geometry)."""
+    C, N, K = colors.shape
+    tile_width = -(-width // tile_size)
+    tiles_per_cam = tile_width * -(-height // tile_size)
+    M = isect.flatten_ids.numel()
+    _check_memory(M * (K + 8) * 4 + C * width * height * (K * 12 + 16), N, width, height, "the per-tile gradients")
+    layout = (_tile_starts(isect), _np(isect.flatten_ids, np.int32), width, height, tile_size, tile_width, tiles_per_cam)
+    if backgrounds is None:
+        backgrounds = colors.new_zeros(C, K)
+    geometry = K if geometry_channels is None else geometry_channels
+    return _Composite.apply(
+        means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
+        backgrounds, absgrad, geometry, layout,
+    )
+
+
+def _single_camera_layout(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int):
+    from trace3d_ns.cuda.tiles import intersect_tiles
+
+    tile_width, tile_height = -(-width // tile_size), -(-height // tile_size)
+    isect = intersect_tiles(means2d[None], radii[None], depths[None], tile_size, tile_width, tile_height)
+    return _tile_starts(isect), _np(isect.flatten_ids, np.int32), tile_width, tile_width * tile_height
+
+
+@torch.no_grad()
+def contributing_pairs(
+    means2d: Tensor,  # [N, 2] one camera
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    radii: Tensor,  # [N] 0 = culled
+    depths: Tensor,  # [N]
+    width: int,
+    height: int,
+    tile_size: int = 16,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(gaussian_ids [P] int64, pixel_ids [P] int64, weights alpha * T [P] float32) of every pair
+    the compositor uses, grouped by pixel (ascending), front to back within a pixel."""
+    kernels = load()
+    N = means2d.shape[0]
+    starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
+    arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), np.zeros((N, 0), np.float32))
+    counts = np.zeros(width * height, np.int64)
+    common = (starts, flat, width, height, tile_size, tile_width, tiles, N, np.zeros(0, np.int32))
+    empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))
+    bg = np.zeros((1, 0), np.float32)
+    i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(kernels.MODE_COUNT_PAIRS, *arrays, bg, *common, *empty, counts, i64, i64, i64, f32)
+    total = int(counts.sum())
+    _check_memory(total * 20, N, width, height, "the contribution list")
+    offsets = np.cumsum(counts) - counts
+    gids, pids, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(kernels.MODE_FILL_PAIRS, *arrays, bg, *common, *empty, counts, offsets, gids, pids, weights)
+    device = means2d.device
+    return torch.from_numpy(gids).to(device), torch.from_numpy(pids).to(device), torch.from_numpy(weights).to(device)
+
+
+@torch.no_grad()
+def patch_weights(
+    means2d: Tensor,  # [N, 2] one camera
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    radii: Tensor,  # [N]
+    depths: Tensor,  # [N]
+    patch_map: Tensor,  # [H, W] int patch id of every pixel
+    tile_size: int = 16,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """GIT sums of one view without listing its pairs: (gaussian [U] int64, patch [U] int64,
+    weight [U] float32), the total alpha * T each Gaussian puts into each patch, one row per
+    (Gaussian, patch), sorted by Gaussian then patch."""
+    kernels = load()
+    N = means2d.shape[0]
+    height, width = patch_map.shape
+    starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
+    arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), np.zeros((N, 0), np.float32))
+    M = flat.shape[0]
+    counts = np.zeros(M, np.int64)
+    common = (starts, flat, width, height, tile_size, tile_width, tiles, N, _np(patch_map.reshape(-1), np.int32))
+    empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))
+    bg = np.zeros((1, 0), np.float32)
+    i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(kernels.MODE_COUNT_PATCHES, *arrays, bg, *common, *empty, counts, i64, i64, i64, f32)
+    total = int(counts.sum())
+    offsets = np.cumsum(counts) - counts
+    gids, patches, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(kernels.MODE_FILL_PATCHES, *arrays, bg, *common, *empty, counts, offsets, gids, patches, weights)
+    device = means2d.device
+    # one row per (tile entry, patch): sum over the tiles of each Gaussian
+    gaussian, patch, weight = sum_pairs_by_patch(torch.from_numpy(gids), torch.from_numpy(patches), torch.from_numpy(weights))
+    return gaussian.to(device), patch.to(device), weight.to(device)

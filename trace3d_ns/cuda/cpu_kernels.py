@@ -1,0 +1,330 @@
+"""Compiled (numba) CPU compositing kernels with gsplat 1.4.0's per-tile semantics.
+
+Work is split over 16x16 tiles (`prange`, both cores). Within a tile, Gaussians are visited in
+the tile's depth order, and each one only on the pixels of its own footprint: the box where
+alpha can still reach 1/255 (|d|^2 <= 2 ln(255 o) lambda_max, one pixel of margin), clipped to
+the tile. Every pixel keeps its transmittance T (float64) and a done flag; a tile stops once all
+its pixels are done. Per (Gaussian, pixel):
+
+    sigma = 0.5 (a dx^2 + c dy^2) + b dx dy      dx = mean_x - (x + 0.5), float32 as gsplat
+    alpha = min(0.999, o exp(-sigma))            skipped when sigma < 0 or alpha < 1/255
+    stop (pixel done, pair not used) when T (1 - alpha) <= 1e-4, else composite alpha T.
+
+One kernel walks front to back (`composite_tiles`) and does, by `mode`, the render, or counts /
+fills the (Gaussian, pixel, alpha T) pairs, or counts / fills the per-(tile entry, patch) sums
+that Gaussian Instance Tracing needs. `backward_tiles` walks back to front as gsplat's backward
+kernel does and writes gradients per tile entry (each entry belongs to one tile: no races), which
+the caller reduces per Gaussian.
+
+Layout: the C cameras' tiles are numbered c * tiles_per_camera + ty * tile_width + tx, and the
+per-camera arrays are flattened over (camera, Gaussian), so `flatten_ids` index them directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+MODE_RENDER = 0
+MODE_COUNT_PAIRS = 1
+MODE_FILL_PAIRS = 2
+MODE_COUNT_PATCHES = 3
+MODE_FILL_PATCHES = 4
+
+_HALF = np.float32(0.5)
+_ALPHA_MIN = np.float32(1.0 / 255.0)
+_ALPHA_MAX = np.float32(0.999)
+_T_MIN = 1e-4
+
+
+@njit(cache=True, inline="always")
+def _sigma_limit(a, b, c, o):
+    """Largest sigma at which alpha = o exp(-sigma) can still reach 1/255, with a margin that
+    covers float32 rounding (the kernels decide on the float32 alpha itself); -1 when the Gaussian
+    cannot contribute anywhere (or is not finite)."""
+    det = a * c - b * b
+    if not (det > 0.0 and a > 0.0 and o * 255.0 >= 1.0):
+        return -1.0
+    limit = math.log(255.0 * o)
+    return limit + 1e-4 * limit + 1e-3
+
+
+@njit(cache=True, inline="always")
+def _rows(my, a, b, c, limit, y0, y1):
+    """Rows [ry0, ry1) of the tile rows [y0, y1) that the ellipse sigma <= limit reaches."""
+    det = a * c - b * b
+    half = math.sqrt(2.0 * limit * a / det)  # max |dy| on the ellipse
+    if not (math.isfinite(half) and math.isfinite(my)):
+        return y0, y0
+    lo = math.ceil(my - half - 0.5)
+    hi = math.floor(my + half - 0.5) + 1.0
+    ry0 = y0 if lo < y0 else (y1 if lo > y1 else int(lo))
+    ry1 = y0 if hi < y0 else (y1 if hi > y1 else int(hi))
+    return ry0, ry1
+
+
+@njit(cache=True, inline="always")
+def _columns(mx, my, a, b, c, limit, y, x0, x1):
+    """Columns [cx0, cx1) of row y within [x0, x1) where sigma <= limit: the ellipse's chord."""
+    dy = my - (y + 0.5)
+    disc = (b * b - a * c) * dy * dy + 2.0 * a * limit
+    if not (disc >= 0.0) or not math.isfinite(mx):
+        return x0, x0
+    root = math.sqrt(disc)
+    # dx = mx - (x + 0.5) in [(-b dy - root) / a, (-b dy + root) / a]
+    lo = math.ceil(mx - (-b * dy + root) / a - 0.5)
+    hi = math.floor(mx - (-b * dy - root) / a - 0.5) + 1.0
+    cx0 = x0 if lo < x0 else (x1 if lo > x1 else int(lo))
+    cx1 = x0 if hi < x0 else (x1 if hi > x1 else int(hi))
+    return cx0, cx1
+
+
+@njit(cache=True, inline="always")
+def _alpha(mx, my, a, b, c, o, x, y):
+    """(sigma, vis = exp(-sigma), alpha) of one Gaussian at pixel (x, y), in float32 like gsplat."""
+    dx = mx - (np.float32(x) + _HALF)
+    dy = my - (np.float32(y) + _HALF)
+    sigma = _HALF * (a * dx * dx + c * dy * dy) + b * dx * dy
+    vis = np.float32(math.exp(-sigma))
+    alpha = o * vis
+    if alpha > _ALPHA_MAX:
+        alpha = _ALPHA_MAX
+    return dx, dy, sigma, vis, alpha
+
+
+@njit(parallel=True, cache=True)
+def composite_tiles(
+    mode,  # int: MODE_*
+    means2d,  # [CN, 2] float32
+    conics,  # [CN, 3] float32
+    opacities,  # [CN] float32
+    colors,  # [CN, K] float32 (render)
+    backgrounds,  # [C, K] float32 (render)
+    tile_starts,  # [T + 1] int64 first entry of each tile
+    flatten_ids,  # [M] int32 index into the CN arrays, per tile in depth order
+    width,
+    height,
+    tile_size,
+    tile_width,
+    tiles_per_camera,
+    num_gaussians,  # N: pair / patch outputs report flatten_id % N
+    patch_map,  # [C * H * W] int32 patch of each pixel (patch modes)
+    out_colors,  # [C * H * W, K] float32 (render)
+    out_transmittance,  # [C * H * W] float64 final T (render)
+    out_last,  # [C * H * W] int32 last composited entry, -1 if none (render)
+    counts,  # [C * H * W] int64 pairs per pixel (count pairs) / [M] patches per entry (count patches)
+    offsets,  # [C * H * W] or [M] int64: write position (fill modes)
+    out_gaussian,  # [P] int64 (fill modes)
+    out_index,  # [P] int64 pixel id c * H * W + y * W + x, or patch id (fill modes)
+    out_weight,  # [P] float32 alpha * T, or its sum over the entry's pixels in the patch (fill modes)
+):
+    num_tiles = tile_starts.shape[0] - 1
+    K = colors.shape[1]
+    pixels_per_camera = width * height
+    for t in prange(num_tiles):
+        cam = t // tiles_per_camera
+        local_tile = t - cam * tiles_per_camera
+        x0 = (local_tile % tile_width) * tile_size
+        y0 = (local_tile // tile_width) * tile_size
+        x1 = min(x0 + tile_size, width)
+        y1 = min(y0 + tile_size, height)
+        tw = x1 - x0
+        npix = tw * (y1 - y0)
+        if npix <= 0:
+            continue
+        T = np.ones(npix, dtype=np.float64)
+        done = np.zeros(npix, dtype=np.bool_)
+        acc = np.zeros((npix, K if mode == MODE_RENDER else 0), dtype=np.float32)
+        last = np.full(npix, -1, dtype=np.int32)
+        fill = np.zeros(npix, dtype=np.int64)  # pairs written per pixel (fill pairs)
+        patch_ids = np.empty(npix, dtype=np.int32)  # distinct patches of one entry (patch modes)
+        patch_w = np.empty(npix, dtype=np.float64)
+        remaining = npix
+        pix_base = cam * pixels_per_camera
+        for e in range(tile_starts[t], tile_starts[t + 1]):
+            if remaining == 0:
+                break
+            g = flatten_ids[e]
+            mx, my = means2d[g, 0], means2d[g, 1]
+            a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
+            o = opacities[g]
+            limit = _sigma_limit(a, b, c, o)
+            if limit < 0.0:
+                continue
+            ry0, ry1 = _rows(my, a, b, c, limit, y0, y1)
+            n_patches = 0
+            for y in range(ry0, ry1):
+                cx0, cx1 = _columns(mx, my, a, b, c, limit, y, x0, x1)
+                for x in range(cx0, cx1):
+                    i = (y - y0) * tw + (x - x0)
+                    if done[i]:
+                        continue
+                    dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
+                    if sigma < 0.0 or alpha < _ALPHA_MIN:
+                        continue
+                    next_t = T[i] * (1.0 - alpha)
+                    if next_t <= _T_MIN:
+                        done[i] = True
+                        remaining -= 1
+                        continue
+                    w = alpha * T[i]
+                    pid = pix_base + y * width + x
+                    if mode == MODE_RENDER:
+                        for k in range(K):
+                            acc[i, k] += np.float32(w) * colors[g, k]
+                        last[i] = e
+                    elif mode == MODE_COUNT_PAIRS:
+                        counts[pid] += 1
+                    elif mode == MODE_FILL_PAIRS:
+                        p = offsets[pid] + fill[i]
+                        fill[i] += 1
+                        out_gaussian[p] = g % num_gaussians
+                        out_index[p] = pid
+                        out_weight[p] = w
+                    else:  # patch modes: sum per distinct patch of this entry
+                        label = patch_map[pid]
+                        j = 0
+                        while j < n_patches and patch_ids[j] != label:
+                            j += 1
+                        if j == n_patches:
+                            patch_ids[j] = label
+                            patch_w[j] = 0.0
+                            n_patches += 1
+                        patch_w[j] += w
+                    T[i] = next_t
+            if mode == MODE_COUNT_PATCHES:
+                counts[e] = n_patches
+            elif mode == MODE_FILL_PATCHES:
+                for j in range(n_patches):
+                    p = offsets[e] + j
+                    out_gaussian[p] = g % num_gaussians
+                    out_index[p] = patch_ids[j]
+                    out_weight[p] = patch_w[j]
+        if mode == MODE_RENDER:
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    i = (y - y0) * tw + (x - x0)
+                    pid = pix_base + y * width + x
+                    for k in range(K):
+                        out_colors[pid, k] = acc[i, k] + np.float32(T[i]) * backgrounds[cam, k]
+                    out_transmittance[pid] = T[i]
+                    out_last[pid] = last[i]
+
+
+@njit(parallel=True, cache=True)
+def backward_tiles(
+    means2d,  # [CN, 2] float32
+    conics,  # [CN, 3] float32
+    opacities,  # [CN] float32
+    colors,  # [CN, K] float32
+    backgrounds,  # [C, K] float32
+    tile_starts,  # [T + 1] int64
+    flatten_ids,  # [M] int32
+    width,
+    height,
+    tile_size,
+    tile_width,
+    tiles_per_camera,
+    geometry_channels,  # channels [0, geometry_channels) pass gradients to alpha (and so to geometry)
+    transmittance,  # [C * H * W] float64 final T of the forward pass
+    last,  # [C * H * W] int32 last composited entry
+    v_colors_out,  # [C * H * W, K] float32 dL/d render
+    v_alphas_out,  # [C * H * W] float32 dL/d render alpha
+    v_means2d,  # [M, 2] float32 out, per entry
+    v_conics,  # [M, 3] float32 out
+    v_opacities,  # [M] float32 out
+    v_colors,  # [M, K] float32 out
+    abs_means2d,  # [M, 2] float32 out: sum over pixels of |dL/dmeans2d| (absgrad)
+):
+    num_tiles = tile_starts.shape[0] - 1
+    K = colors.shape[1]
+    pixels_per_camera = width * height
+    for t in prange(num_tiles):
+        cam = t // tiles_per_camera
+        local_tile = t - cam * tiles_per_camera
+        x0 = (local_tile % tile_width) * tile_size
+        y0 = (local_tile // tile_width) * tile_size
+        x1 = min(x0 + tile_size, width)
+        y1 = min(y0 + tile_size, height)
+        tw = x1 - x0
+        npix = tw * (y1 - y0)
+        if npix <= 0:
+            continue
+        pix_base = cam * pixels_per_camera
+        T = np.empty(npix, dtype=np.float64)  # T in front of the Gaussian being visited
+        behind = np.zeros((npix, K), dtype=np.float64)  # colour composited behind it
+        bg_dot = np.zeros(npix, dtype=np.float64)  # sum_k background_k * v_k over geometry channels
+        last_entry = np.int64(-1)
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                i = (y - y0) * tw + (x - x0)
+                pid = pix_base + y * width + x
+                T[i] = transmittance[pid]
+                s = 0.0
+                for k in range(geometry_channels):
+                    s += backgrounds[cam, k] * v_colors_out[pid, k]
+                bg_dot[i] = s
+                if last[pid] > last_entry:
+                    last_entry = last[pid]
+        for e in range(last_entry, tile_starts[t] - 1, -1):
+            g = flatten_ids[e]
+            mx, my = means2d[g, 0], means2d[g, 1]
+            a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
+            o = opacities[g]
+            limit = _sigma_limit(a, b, c, o)
+            if limit < 0.0:
+                continue
+            ry0, ry1 = _rows(my, a, b, c, limit, y0, y1)
+            gm0 = 0.0
+            gm1 = 0.0
+            ga0 = 0.0
+            ga1 = 0.0
+            gc0 = 0.0
+            gc1 = 0.0
+            gc2 = 0.0
+            go = 0.0
+            for y in range(ry0, ry1):
+                cx0, cx1 = _columns(mx, my, a, b, c, limit, y, x0, x1)
+                for x in range(cx0, cx1):
+                    pid = pix_base + y * width + x
+                    if e > last[pid]:
+                        continue
+                    dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
+                    if sigma < 0.0 or alpha < _ALPHA_MIN:
+                        continue
+                    i = (y - y0) * tw + (x - x0)
+                    ra = 1.0 / (1.0 - alpha)
+                    t_before = T[i] * ra
+                    w = alpha * t_before
+                    t_final = transmittance[pid]
+                    v_alpha = 0.0
+                    for k in range(K):
+                        v = v_colors_out[pid, k]
+                        v_colors[e, k] += np.float32(w * v)
+                        if k < geometry_channels:
+                            v_alpha += (colors[g, k] * t_before - behind[i, k] * ra) * v
+                        behind[i, k] += colors[g, k] * w
+                    v_alpha += t_final * ra * (v_alphas_out[pid] - bg_dot[i])
+                    T[i] = t_before
+                    if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
+                        v_sigma = -o * vis * v_alpha
+                        gc0 += 0.5 * v_sigma * dx * dx
+                        gc1 += v_sigma * dx * dy
+                        gc2 += 0.5 * v_sigma * dy * dy
+                        vx = v_sigma * (a * dx + b * dy)
+                        vy = v_sigma * (b * dx + c * dy)
+                        gm0 += vx
+                        gm1 += vy
+                        ga0 += abs(vx)
+                        ga1 += abs(vy)
+                        go += vis * v_alpha
+            v_means2d[e, 0] = gm0
+            v_means2d[e, 1] = gm1
+            abs_means2d[e, 0] = ga0
+            abs_means2d[e, 1] = ga1
+            v_conics[e, 0] = gc0
+            v_conics[e, 1] = gc1
+            v_conics[e, 2] = gc2
+            v_opacities[e] = go
