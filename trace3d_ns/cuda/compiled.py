@@ -77,6 +77,12 @@ def _np(t: Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
 
+def _arrays(kernels: ModuleType, means2d: Tensor, conics: Tensor, opacities: Tensor, colors: np.ndarray) -> tuple:
+    """The compositing kernels' per-Gaussian inputs: means2d, conics, opacities, footprints, colours."""
+    m, c, o = _np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32)
+    return m, c, o, kernels.footprints(m, c, o), colors
+
+
 def _tile_starts(isect: TileIntersections) -> np.ndarray:
     """[C * tiles + 1] int64: first entry of every tile, then the entry count."""
     starts = isect.isect_offsets.reshape(-1).long()
@@ -105,7 +111,7 @@ class _Composite(torch.autograd.Function):
         C = backgrounds.shape[0]
         K = colors.shape[-1]
         num_pixels = C * width * height
-        arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), _np(colors, np.float32))
+        arrays = _arrays(kernels, means2d, conics, opacities, _np(colors, np.float32))
         bg = _np(backgrounds, np.float32)
         out = np.empty((num_pixels, K), dtype=np.float32)
         trans = np.empty(num_pixels, dtype=np.float64)
@@ -214,7 +220,7 @@ def contributing_pairs(
     kernels = load()
     N = means2d.shape[0]
     starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
-    arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), np.zeros((N, 0), np.float32))
+    arrays = _arrays(kernels, means2d, conics, opacities, np.zeros((N, 0), np.float32))
     counts = np.zeros(width * height, np.int64)
     common = (starts, flat, width, height, tile_size, tile_width, tiles, N, np.zeros(0, np.int32))
     empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))
@@ -249,7 +255,7 @@ def patch_weights(
     N = means2d.shape[0]
     height, width = patch_map.shape
     starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
-    arrays = (_np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32), np.zeros((N, 0), np.float32))
+    arrays = _arrays(kernels, means2d, conics, opacities, np.zeros((N, 0), np.float32))
     M = flat.shape[0]
     counts = np.zeros(M, np.int64)
     common = (starts, flat, width, height, tile_size, tile_width, tiles, N, _np(patch_map.reshape(-1), np.int32))
@@ -267,3 +273,114 @@ def patch_weights(
     # one row per (tile entry, patch): sum over the tiles of each Gaussian
     gaussian, patch, weight = sum_pairs_by_patch(torch.from_numpy(gids), torch.from_numpy(patches), torch.from_numpy(weights))
     return gaussian.to(device), patch.to(device), weight.to(device)
+
+
+def _geometry() -> ModuleType:
+    load()  # same availability rules as the compositing kernels
+    from trace3d_ns.cuda import cpu_geometry
+
+    return cpu_geometry
+
+
+class _Project(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means, quats, scales, viewmats, Ks, settings):
+        kernels = _geometry()
+        width, height, eps2d, near_plane, far_plane, radius_clip = settings
+        C, N = viewmats.shape[0], means.shape[0]
+        arrays = tuple(_np(t, np.float32) for t in (means, quats, scales, viewmats, Ks))
+        radii = np.empty((C, N), np.int32)
+        means2d = np.empty((C, N, 2), np.float32)
+        depths = np.empty((C, N), np.float32)
+        conics = np.empty((C, N, 3), np.float32)
+        comp = np.empty((C, N), np.float32)
+        kernels.project_forward(
+            *arrays, width, height, eps2d, near_plane, far_plane, radius_clip, radii, means2d, depths, conics, comp
+        )
+        ctx.arrays, ctx.settings = arrays, settings
+        ctx.mark_non_differentiable(radii := torch.from_numpy(radii))
+        return radii, torch.from_numpy(means2d), torch.from_numpy(depths), torch.from_numpy(conics), torch.from_numpy(comp)
+
+    @staticmethod
+    def backward(ctx, _, v_means2d, v_depths, v_conics, v_comp):
+        kernels = _geometry()
+        width, height, eps2d = ctx.settings[:3]
+        means = ctx.arrays[0]
+        v_means = np.empty_like(means)
+        v_quats = np.empty_like(ctx.arrays[1])
+        v_scales = np.empty_like(ctx.arrays[2])
+        kernels.project_backward(
+            *ctx.arrays, width, height, eps2d, _np(v_means2d, np.float32), _np(v_depths, np.float32),
+            _np(v_conics, np.float32), _np(v_comp, np.float32), v_means, v_quats, v_scales,
+        )
+        ctx.arrays = None
+        return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, None, None
+
+
+def project(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    viewmats: Tensor,  # [C, 4, 4] (no gradient)
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    eps2d: float = 0.3,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    calc_compensations: bool = False,
+):
+    """`projection.project_gaussians` in the compiled kernels (gradients to means, quats and
+    scales; none to the cameras): a `projection.Projection`."""
+    from trace3d_ns.cuda.projection import Projection
+
+    settings = (width, height, float(eps2d), float(near_plane), float(far_plane), float(radius_clip))
+    radii, means2d, depths, conics, comp = _Project.apply(means, quats, scales, viewmats, Ks, settings)
+    return Projection(radii, means2d, depths, conics, comp if calc_compensations else None)
+
+
+class _SphericalHarmonics(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, degree, means, campos, coeffs):
+        kernels = _geometry()
+        arrays = (_np(means, np.float32), _np(campos, np.float32), _np(coeffs, np.float32))
+        colors = np.empty((campos.shape[0], means.shape[0], 3), np.float32)
+        kernels.sh_forward(degree, *arrays, colors)
+        ctx.degree, ctx.arrays = degree, arrays
+        return torch.from_numpy(colors)
+
+    @staticmethod
+    def backward(ctx, v_colors):
+        kernels = _geometry()
+        means, _, coeffs = ctx.arrays
+        v_coeffs = np.zeros_like(coeffs)
+        v_means = np.zeros_like(means)
+        kernels.sh_backward(ctx.degree, *ctx.arrays, _np(v_colors, np.float32), v_coeffs, v_means)
+        ctx.arrays = None
+        return None, torch.from_numpy(v_means), None, torch.from_numpy(v_coeffs)
+
+
+def sh_colors(degree: int, means: Tensor, campos: Tensor, coeffs: Tensor) -> Tensor:
+    """clamp_min(SH(degree, means - campos) + 0.5, 0) in the compiled kernels, as the torch
+    rasterizer colours Gaussians. means [N, 3], campos [C, 3], coeffs [N, K, 3] -> [C, N, 3]."""
+    return _SphericalHarmonics.apply(degree, means, campos, coeffs)
+
+
+@torch.no_grad()
+def intersect_tiles(
+    means2d: Tensor,  # [C, N, 2]
+    radii: Tensor,  # [C, N]
+    depths: Tensor,  # [C, N]
+    tile_size: int,
+    tile_width: int,
+    tile_height: int,
+) -> TileIntersections:
+    """`tiles.intersect_tiles` in the compiled kernels (the same ids, order and offsets)."""
+    kernels = _geometry()
+    C = radii.shape[0]
+    counts, isect_ids, flatten_ids, starts = kernels.bin_tiles(
+        _np(means2d, np.float32), _np(radii, np.int32), _np(depths, np.float32), tile_size, tile_width, tile_height
+    )
+    offsets = torch.from_numpy(starts[:-1].astype(np.int32)).reshape(C, tile_height, tile_width)
+    return TileIntersections(torch.from_numpy(counts), torch.from_numpy(isect_ids), torch.from_numpy(flatten_ids), offsets)

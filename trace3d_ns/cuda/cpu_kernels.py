@@ -1,16 +1,15 @@
 """Compiled (numba) CPU compositing kernels with gsplat 1.4.0's per-tile semantics.
 
 Work is split over 16x16 tiles (`prange`, both cores). Within a tile, Gaussians are visited in
-the tile's depth order, and each one only on the pixels of its own footprint: the box where
-alpha can still reach 1/255 (|d|^2 <= 2 ln(255 o) lambda_max, one pixel of margin), clipped to
-the tile. Every pixel keeps its transmittance T (float64) and a done flag; a tile stops once all
+the tile's depth order, and each one only on the pixels of its own footprint: the ellipse where
+alpha can still reach 1/255 (sigma <= ln(255 o), with a margin), row by row, clipped to the tile. Every pixel keeps its transmittance T (float64) and a done flag; a tile stops once all
 its pixels are done. Per (Gaussian, pixel):
 
     sigma = 0.5 (a dx^2 + c dy^2) + b dx dy      dx = mean_x - (x + 0.5), float32 as gsplat
     alpha = min(0.999, o exp(-sigma))            skipped when sigma < 0 or alpha < 1/255
     stop (pixel done, pair not used) when T (1 - alpha) <= 1e-4, else composite alpha T.
 
-One kernel walks front to back (`composite_tiles`) and does, by `mode`, the render, or counts /
+`footprints` bounds, per Gaussian, the pixels worth testing. One kernel walks front to back (`composite_tiles`) and does, by `mode`, the render, or counts /
 fills the (Gaussian, pixel, alpha T) pairs, or counts / fills the per-(tile entry, patch) sums
 that Gaussian Instance Tracing needs. `backward_tiles` walks back to front as gsplat's backward
 kernel does and writes gradients per tile entry (each entry belongs to one tile: no races), which
@@ -39,25 +38,38 @@ _ALPHA_MAX = np.float32(0.999)
 _T_MIN = 1e-4
 
 
-@njit(cache=True, inline="always")
-def _sigma_limit(a, b, c, o):
-    """Largest sigma at which alpha = o exp(-sigma) can still reach 1/255, with a margin that
-    covers float32 rounding (the kernels decide on the float32 alpha itself); -1 when the Gaussian
-    cannot contribute anywhere (or is not finite)."""
-    det = a * c - b * b
-    if not (det > 0.0 and a > 0.0 and o * 255.0 >= 1.0):
-        return -1.0
-    limit = math.log(255.0 * o)
-    return limit + 1e-4 * limit + 1e-3
+@njit(parallel=True, cache=True)
+def footprints(
+    means2d,  # [CN, 2] float32
+    conics,  # [CN, 3] float32
+    opacities,  # [CN] float32
+):
+    """Per Gaussian, the ellipse sigma <= limit that holds every pixel where alpha = o exp(-sigma)
+    can reach 1/255 (limit = ln(255 o) plus a margin covering float32 rounding; the kernels decide
+    on the float32 alpha itself), as [CN, 4] float64: (max |dy| on it, or -1 when the Gaussian
+    cannot contribute anywhere; b^2 - a c; 2 a limit; 1 / a). Row y's chord is then
+    dx = mean_x - (x + 0.5) in [(-b dy - r) / a, (-b dy + r) / a], r^2 = (b^2 - a c) dy^2 + 2 a limit."""
+    n = opacities.shape[0]
+    out = np.empty((n, 4))
+    for g in prange(n):
+        a, b, c, o = np.float64(conics[g, 0]), np.float64(conics[g, 1]), np.float64(conics[g, 2]), np.float64(opacities[g])
+        det = a * c - b * b
+        out[g, 0] = -1.0
+        if det > 0.0 and a > 0.0 and o * 255.0 >= 1.0 and math.isfinite(means2d[g, 0]) and math.isfinite(means2d[g, 1]):
+            limit = math.log(255.0 * o)
+            limit += 1e-4 * limit + 1e-3
+            half = math.sqrt(2.0 * limit * a / det)
+            if math.isfinite(half):
+                out[g, 0] = half
+                out[g, 1] = b * b - a * c
+                out[g, 2] = 2.0 * a * limit
+                out[g, 3] = 1.0 / a
+    return out
 
 
 @njit(cache=True, inline="always")
-def _rows(my, a, b, c, limit, y0, y1):
-    """Rows [ry0, ry1) of the tile rows [y0, y1) that the ellipse sigma <= limit reaches."""
-    det = a * c - b * b
-    half = math.sqrt(2.0 * limit * a / det)  # max |dy| on the ellipse
-    if not (math.isfinite(half) and math.isfinite(my)):
-        return y0, y0
+def _rows(my, half, y0, y1):
+    """Rows [ry0, ry1) of the tile rows [y0, y1) that the footprint ellipse reaches."""
     lo = math.ceil(my - half - 0.5)
     hi = math.floor(my + half - 0.5) + 1.0
     ry0 = y0 if lo < y0 else (y1 if lo > y1 else int(lo))
@@ -66,16 +78,15 @@ def _rows(my, a, b, c, limit, y0, y1):
 
 
 @njit(cache=True, inline="always")
-def _columns(mx, my, a, b, c, limit, y, x0, x1):
-    """Columns [cx0, cx1) of row y within [x0, x1) where sigma <= limit: the ellipse's chord."""
+def _columns(mx, my, b, fp, y, x0, x1):
+    """Columns [cx0, cx1) of row y within [x0, x1) inside the footprint ellipse (its chord)."""
     dy = my - (y + 0.5)
-    disc = (b * b - a * c) * dy * dy + 2.0 * a * limit
-    if not (disc >= 0.0) or not math.isfinite(mx):
+    disc = fp[1] * dy * dy + fp[2]
+    if not (disc >= 0.0):
         return x0, x0
     root = math.sqrt(disc)
-    # dx = mx - (x + 0.5) in [(-b dy - root) / a, (-b dy + root) / a]
-    lo = math.ceil(mx - (-b * dy + root) / a - 0.5)
-    hi = math.floor(mx - (-b * dy - root) / a - 0.5) + 1.0
+    lo = math.ceil(mx - (-b * dy + root) * fp[3] - 0.5)
+    hi = math.floor(mx - (-b * dy - root) * fp[3] - 0.5) + 1.0
     cx0 = x0 if lo < x0 else (x1 if lo > x1 else int(lo))
     cx1 = x0 if hi < x0 else (x1 if hi > x1 else int(hi))
     return cx0, cx1
@@ -100,6 +111,7 @@ def composite_tiles(
     means2d,  # [CN, 2] float32
     conics,  # [CN, 3] float32
     opacities,  # [CN] float32
+    footprint,  # [CN, 4] float64 (`footprints`)
     colors,  # [CN, K] float32 (render)
     backgrounds,  # [C, K] float32 (render)
     tile_starts,  # [T + 1] int64 first entry of each tile
@@ -150,13 +162,13 @@ def composite_tiles(
             mx, my = means2d[g, 0], means2d[g, 1]
             a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
             o = opacities[g]
-            limit = _sigma_limit(a, b, c, o)
-            if limit < 0.0:
+            fp = footprint[g]
+            if fp[0] < 0.0:
                 continue
-            ry0, ry1 = _rows(my, a, b, c, limit, y0, y1)
+            ry0, ry1 = _rows(my, fp[0], y0, y1)
             n_patches = 0
             for y in range(ry0, ry1):
-                cx0, cx1 = _columns(mx, my, a, b, c, limit, y, x0, x1)
+                cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
                 for x in range(cx0, cx1):
                     i = (y - y0) * tw + (x - x0)
                     if done[i]:
@@ -218,6 +230,7 @@ def backward_tiles(
     means2d,  # [CN, 2] float32
     conics,  # [CN, 3] float32
     opacities,  # [CN] float32
+    footprint,  # [CN, 4] float64 (`footprints`)
     colors,  # [CN, K] float32
     backgrounds,  # [C, K] float32
     tile_starts,  # [T + 1] int64
@@ -253,9 +266,14 @@ def backward_tiles(
         if npix <= 0:
             continue
         pix_base = cam * pixels_per_camera
+        G = geometry_channels
+        # per-pixel state, local to the tile
         T = np.empty(npix, dtype=np.float64)  # T in front of the Gaussian being visited
-        behind = np.zeros((npix, K), dtype=np.float64)  # colour composited behind it
-        bg_dot = np.zeros(npix, dtype=np.float64)  # sum_k background_k * v_k over geometry channels
+        t_v = np.empty(npix, dtype=np.float64)  # T_final (dL/d alpha_out - background . dL/d colour)
+        last_local = np.empty(npix, dtype=np.int64)
+        v_out = np.empty((npix, K), dtype=np.float32)  # dL/d render
+        behind = np.zeros((npix, G), dtype=np.float64)  # colour composited behind the visited Gaussian
+        v_entry = np.empty(K, dtype=np.float64)  # colour gradient of the visited Gaussian
         last_entry = np.int64(-1)
         for y in range(y0, y1):
             for x in range(x0, x1):
@@ -263,9 +281,12 @@ def backward_tiles(
                 pid = pix_base + y * width + x
                 T[i] = transmittance[pid]
                 s = 0.0
-                for k in range(geometry_channels):
-                    s += backgrounds[cam, k] * v_colors_out[pid, k]
-                bg_dot[i] = s
+                for k in range(K):
+                    v_out[i, k] = v_colors_out[pid, k]
+                    if k < G:
+                        s += backgrounds[cam, k] * v_colors_out[pid, k]
+                t_v[i] = transmittance[pid] * (v_alphas_out[pid] - s)
+                last_local[i] = last[pid]
                 if last[pid] > last_entry:
                     last_entry = last[pid]
         for e in range(last_entry, tile_starts[t] - 1, -1):
@@ -273,10 +294,10 @@ def backward_tiles(
             mx, my = means2d[g, 0], means2d[g, 1]
             a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
             o = opacities[g]
-            limit = _sigma_limit(a, b, c, o)
-            if limit < 0.0:
+            fp = footprint[g]
+            if fp[0] < 0.0:
                 continue
-            ry0, ry1 = _rows(my, a, b, c, limit, y0, y1)
+            ry0, ry1 = _rows(my, fp[0], y0, y1)
             gm0 = 0.0
             gm1 = 0.0
             ga0 = 0.0
@@ -285,28 +306,28 @@ def backward_tiles(
             gc1 = 0.0
             gc2 = 0.0
             go = 0.0
+            v_entry[:] = 0.0
             for y in range(ry0, ry1):
-                cx0, cx1 = _columns(mx, my, a, b, c, limit, y, x0, x1)
+                cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
+                row = (y - y0) * tw - x0
                 for x in range(cx0, cx1):
-                    pid = pix_base + y * width + x
-                    if e > last[pid]:
+                    i = row + x
+                    if e > last_local[i]:
                         continue
                     dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
                     if sigma < 0.0 or alpha < _ALPHA_MIN:
                         continue
-                    i = (y - y0) * tw + (x - x0)
                     ra = 1.0 / (1.0 - alpha)
                     t_before = T[i] * ra
                     w = alpha * t_before
-                    t_final = transmittance[pid]
-                    v_alpha = 0.0
+                    v_alpha = t_v[i] * ra
+                    for k in range(G):
+                        v = v_out[i, k]
+                        col = colors[g, k]
+                        v_alpha += (col * t_before - behind[i, k] * ra) * v
+                        behind[i, k] += col * w
                     for k in range(K):
-                        v = v_colors_out[pid, k]
-                        v_colors[e, k] += np.float32(w * v)
-                        if k < geometry_channels:
-                            v_alpha += (colors[g, k] * t_before - behind[i, k] * ra) * v
-                        behind[i, k] += colors[g, k] * w
-                    v_alpha += t_final * ra * (v_alphas_out[pid] - bg_dot[i])
+                        v_entry[k] += w * v_out[i, k]
                     T[i] = t_before
                     if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
                         v_sigma = -o * vis * v_alpha
@@ -320,6 +341,8 @@ def backward_tiles(
                         ga0 += abs(vx)
                         ga1 += abs(vy)
                         go += vis * v_alpha
+            for k in range(K):
+                v_colors[e, k] = v_entry[k]
             v_means2d[e, 0] = gm0
             v_means2d[e, 1] = gm1
             abs_means2d[e, 0] = ga0

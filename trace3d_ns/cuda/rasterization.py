@@ -134,7 +134,13 @@ def rasterization(
         raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
     N, C = means.shape[0], viewmats.shape[0]
 
-    proj = project_gaussians(
+    # the compiled backend also projects, colours and bins in its kernels (no camera gradients there)
+    compiled_geometry = backend == "compiled" and not (viewmats.requires_grad or Ks.requires_grad)
+    if compiled_geometry:
+        from trace3d_ns.cuda import compiled
+
+    project = compiled.project if compiled_geometry else project_gaussians
+    proj = project(
         means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
         far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
     )
@@ -146,9 +152,14 @@ def rasterization(
         colors_c = colors.expand(C, -1, -1) if colors.dim() == 2 else colors  # [C, N, D]
     else:
         campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-        dirs = means[None] - campos[:, None]  # [C, N, 3]
-        shs = colors.expand(C, -1, -1, -1) if colors.dim() == 3 else colors  # [C, N, K, 3]
-        colors_c = torch.clamp_min(spherical_harmonics(sh_degree, dirs, shs) + 0.5, 0.0)  # [C, N, 3]
+        if compiled_geometry and colors.dim() == 3:
+            if colors.shape[-2] < (sh_degree + 1) ** 2:
+                raise ValueError(f"SH degree {sh_degree} needs {(sh_degree + 1) ** 2} coefficients, got {colors.shape[-2]}")
+            colors_c = compiled.sh_colors(sh_degree, means, campos.detach(), colors)  # [C, N, 3]
+        else:
+            dirs = means[None] - campos[:, None]  # [C, N, 3]
+            shs = colors.expand(C, -1, -1, -1) if colors.dim() == 3 else colors  # [C, N, K, 3]
+            colors_c = torch.clamp_min(spherical_harmonics(sh_degree, dirs, shs) + 0.5, 0.0)  # [C, N, 3]
 
     if render_mode in ("RGB+D", "RGB+ED"):
         colors_c = torch.cat([colors_c, proj.depths[..., None]], dim=-1)
@@ -160,7 +171,8 @@ def rasterization(
             backgrounds = backgrounds.new_zeros(C, 1)
 
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
-    isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
+    binning = compiled.intersect_tiles if compiled_geometry else intersect_tiles
+    isect = binning(proj.means2d, proj.radii, proj.depths, tile_size, tile_width, tile_height)
     absgrad_buffer = torch.zeros_like(proj.means2d) if absgrad else None  # [C, N, 2]
     composite = _composite_compiled if backend == "compiled" else _composite_torch
     render_colors, render_alphas, extra_render = composite(
