@@ -1,5 +1,6 @@
 """The contribution primitive (Gaussian, pixel, alpha*T) of Gaussian Instance Tracing."""
 
+import pytest
 import torch
 
 from tests.gaussians import intrinsics, look_at, random_gaussians
@@ -17,10 +18,11 @@ def _scene(seed=0, n=300):
     return random_gaussians(n, seed=seed), look_at((0.4, -0.3, 3.0)), intrinsics(W, H)
 
 
-def test_contributions_recompose_the_rendered_image():
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_contributions_recompose_the_rendered_image(backend):
     (means, quats, scales, opac, colors), view, K = _scene()
-    rgb, alpha, _ = rasterization(means, quats, scales, opac, colors, view[None], K[None], W, H)
-    c = contributions(means, quats, scales, opac, view, K, W, H)
+    rgb, alpha, _ = rasterization(means, quats, scales, opac, colors, view[None], K[None], W, H, backend=backend)
+    c = contributions(means, quats, scales, opac, view, K, W, H, backend=backend)
     assert len(c) > W * H  # several Gaussians per pixel on average
     image = torch.zeros(W * H, 3).index_add_(0, c.pixel_ids, c.weights[:, None] * colors[c.gaussian_ids])
     torch.testing.assert_close(image.reshape(H, W, 3), rgb[0], atol=1e-5, rtol=1e-5)
@@ -31,9 +33,10 @@ def test_contributions_recompose_the_rendered_image():
     assert (c.pixel_ids[1:] >= c.pixel_ids[:-1]).all()
 
 
-def test_contributions_equal_bruteforce_weights():
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_contributions_equal_bruteforce_weights(backend):
     (means, quats, scales, opac, colors), view, K = _scene(seed=1)
-    c = contributions(means, quats, scales, opac, view, K, W, H)
+    c = contributions(means, quats, scales, opac, view, K, W, H, backend=backend)
     with torch.no_grad():
         *_, dense = reference_rasterize(means, quats, scales, opac, colors, view, K, W, H, return_weights=True)
     pix, gid = dense.nonzero(as_tuple=True)

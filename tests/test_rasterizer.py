@@ -1,15 +1,23 @@
 """The torch rasterizer against gsplat's torch pieces and a brute-force per-pixel reference."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from tests.gaussians import intrinsics, look_at, random_gaussians
 from trace3d_ns.cuda.projection import project_gaussians
-from trace3d_ns.cuda.rasterization import rasterization
+from trace3d_ns.cuda.rasterization import rasterization as _rasterization
 from trace3d_ns.cuda.reference import reference_rasterize
 from trace3d_ns.cuda.sh import spherical_harmonics
 
 W, H = 45, 38  # not multiples of 16: partial border tiles
+
+
+@pytest.fixture(params=["torch", "compiled"])
+def backend(request):
+    """The CPU compositors: the torch reference and the compiled kernels, held to the same checks."""
+    return request.param
 
 
 def _camera(eye=(0.3, -0.4, 3.0)):
@@ -63,7 +71,8 @@ def _leaves(seed, n, sh_degree=None):
 
 
 @pytest.mark.parametrize("sh_degree,mode", [(None, "classic"), (3, "classic"), (1, "antialiased")])
-def test_rasterizer_matches_bruteforce_forward_and_gradients(sh_degree, mode):
+def test_rasterizer_matches_bruteforce_forward_and_gradients(sh_degree, mode, backend):
+    rasterization = partial(_rasterization, backend=backend)
     view, K = _camera()
     ours = _leaves(2, 300, sh_degree)
     ref = _leaves(2, 300, sh_degree)
@@ -99,7 +108,8 @@ def test_rasterizer_matches_bruteforce_forward_and_gradients(sh_degree, mode):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_render_modes_and_backgrounds():
+def test_render_modes_and_backgrounds(backend):
+    rasterization = partial(_rasterization, backend=backend)
     view, K = _camera()
     params = random_gaussians(150, seed=3)
     rgb, a1, _ = rasterization(*params, view[None], K[None], W, H, render_mode="RGB")
@@ -116,7 +126,8 @@ def test_render_modes_and_backgrounds():
     torch.testing.assert_close(rgb_bg, rgb + (1 - a1) * bg)
 
 
-def test_multiple_cameras_equal_separate_renders():
+def test_multiple_cameras_equal_separate_renders(backend):
+    rasterization = partial(_rasterization, backend=backend)
     params = random_gaussians(200, seed=4, sh_degree=2)
     views = torch.stack([look_at((0.3, -0.4, 3.0)), look_at((-2.0, 0.5, 2.0))])
     Ks = torch.stack([intrinsics(W, H), intrinsics(W, H, 50)])
@@ -128,7 +139,8 @@ def test_multiple_cameras_equal_separate_renders():
         torch.testing.assert_close(alphas[c], a[0])
 
 
-def test_transmittance_cutoff_and_alpha_clamp():
+def test_transmittance_cutoff_and_alpha_clamp(backend):
+    rasterization = partial(_rasterization, backend=backend)
     # A stack of 40 nearly opaque Gaussians on the optical axis: compositing must stop once
     # T would fall to 1e-4, and no single alpha may exceed 0.999.
     n = 40
@@ -141,7 +153,7 @@ def test_transmittance_cutoff_and_alpha_clamp():
     view, K = look_at((0, 0, -3.0)), intrinsics(W, H)
     from trace3d_ns.rendering import contributions
 
-    contrib = contributions(means, quats, scales, opac, view, K, W, H)
+    contrib = contributions(means, quats, scales, opac, view, K, W, H, backend=backend)
     centre = (H // 2) * W + W // 2
     at_centre = contrib.weights[contrib.pixel_ids == centre]
     # identical layers: every layer has the first one's alpha; stop exactly before T <= 1e-4
@@ -157,7 +169,8 @@ def test_transmittance_cutoff_and_alpha_clamp():
     torch.testing.assert_close(rgb[0, H // 2, W // 2], 0.999 * colors[0])
 
 
-def test_absgrad_accumulates_per_pixel_magnitudes():
+def test_absgrad_accumulates_per_pixel_magnitudes(backend):
+    rasterization = partial(_rasterization, backend=backend)
     view, K = _camera()
     params = [p.requires_grad_(True) for p in random_gaussians(200, seed=5)]
     colors, _, meta = rasterization(*params, view[None], K[None], W, H, absgrad=True)
@@ -174,13 +187,14 @@ def test_unsupported_arguments_raise_clearly():
     view, K = _camera()
     params = random_gaussians(10, seed=6)
     with pytest.raises(NotImplementedError, match="packed=False"):
-        rasterization(*params, view[None], K[None], W, H, packed=True)
+        _rasterization(*params, view[None], K[None], W, H, packed=True)
     with pytest.raises(ValueError, match="render_mode"):
-        rasterization(*params, view[None], K[None], W, H, render_mode="RGBD")
+        _rasterization(*params, view[None], K[None], W, H, render_mode="RGBD")
 
 
 @pytest.mark.parametrize("grad_to_geometry", [False, True])
-def test_extra_colors_share_the_pass_and_match_a_second_render(grad_to_geometry):
+def test_extra_colors_share_the_pass_and_match_a_second_render(grad_to_geometry, backend):
+    rasterization = partial(_rasterization, backend=backend)
     from trace3d_ns.rendering import rasterize_with_extra
 
     view, K = _camera()

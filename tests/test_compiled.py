@@ -1,0 +1,229 @@
+"""The compiled (numba) CPU backend against the torch backend and the brute-force reference.
+
+The shared checks (brute force, render modes, cut-off, absgrad, extra channels, contributions) run
+on both backends in test_rasterizer.py / test_contributions.py; here: each compiled stage against
+its torch reference, edge cases, GIT sums, and what happens when numba cannot run.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.gaussians import intrinsics, look_at, random_gaussians
+from trace3d_ns.cuda import compiled
+from trace3d_ns.cuda.projection import project_gaussians
+from trace3d_ns.cuda.rasterization import rasterization
+from trace3d_ns.cuda.reference import reference_rasterize
+from trace3d_ns.cuda.sh import spherical_harmonics
+from trace3d_ns.cuda.tiles import contributing_pairs, intersect_tiles, sum_pairs_by_patch
+from trace3d_ns.rendering import contributions, patch_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+W, H = 45, 38
+
+
+def _random_cotangents(tensors, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=g) for t in tensors]
+
+
+def test_projection_kernel_matches_torch_with_gradients():
+    means, quats, scales, _, _ = random_gaussians(400, seed=1, extent=2.0)
+    views = torch.stack([look_at((0.3, -0.4, 3.0)), look_at((2.5, 1.0, 1.0))])
+    Ks = torch.stack([intrinsics(W, H), intrinsics(W, H, 40.0)])
+    results = {}
+    for name, project in [("torch", project_gaussians), ("compiled", compiled.project)]:
+        leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales)]
+        p = project(*leaves, views, Ks, W, H, calc_compensations=True)
+        visible = p.radii > 0
+        outs = [p.means2d, p.depths, p.conics[visible], p.compensations]
+        sum((o * v).sum() for o, v in zip(outs, _random_cotangents(outs))).backward()
+        results[name] = (p, [t.grad for t in leaves])
+    (ref, ref_grads), (ours, our_grads) = results["torch"], results["compiled"]
+    assert torch.equal(ours.radii, ref.radii)
+    assert (ref.radii > 0).sum() > 100 and (ref.radii == 0).sum() > 0  # both cases exercised
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(["means", "quats", "scales"], our_grads, ref_grads):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_sh_kernel_matches_torch_with_gradients(degree):
+    means, *_ = random_gaussians(300, seed=degree)
+    coeffs = torch.randn(300, 16, 3, generator=torch.Generator().manual_seed(5))
+    campos = torch.tensor([[0.3, -0.4, 3.0], [2.0, 1.0, -1.0]])
+    results = {}
+    for name in ("torch", "compiled"):
+        m, c = means.clone().requires_grad_(True), coeffs.clone().requires_grad_(True)
+        if name == "torch":
+            colors = torch.clamp_min(spherical_harmonics(degree, m[None] - campos[:, None], c.expand(2, -1, -1, -1)) + 0.5, 0)
+        else:
+            colors = compiled.sh_colors(degree, m, campos, c)
+        (colors * _random_cotangents([colors])[0]).sum().backward()
+        results[name] = (colors, torch.zeros_like(m) if m.grad is None else m.grad, c.grad)
+    assert (results["torch"][0] == 0).any()  # the clamp is exercised
+    for a, b in zip(results["compiled"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tile_binning_kernel_matches_torch():
+    means, quats, scales, _, _ = random_gaussians(500, seed=2, extent=2.0)
+    views = torch.stack([look_at((0.3, -0.4, 3.0)), look_at((-1.0, 2.0, 2.0))])
+    Ks = torch.stack([intrinsics(W, H), intrinsics(W, H, 70.0)])
+    p = project_gaussians(means, quats, scales, views, Ks, W, H)
+    p.depths[0, :50] = p.depths[0, 50:100]  # equal depths: stable order by Gaussian
+    ours = compiled.intersect_tiles(p.means2d, p.radii, p.depths, 16, 3, 3)
+    ref = intersect_tiles(p.means2d, p.radii, p.depths, 16, 3, 3)
+    for name, a, b in zip(ref._fields, ours, ref):
+        assert torch.equal(a, b), name
+
+
+def _edge_scene():
+    """Gaussians behind the camera, straddling the near plane, larger than the image, off-screen,
+    a stack that saturates the centre pixels, and an empty corner."""
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    means = torch.cat([
+        torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, 2.995], [0.0, 0.0, 0.0], [30.0, 0.0, 0.0]]),  # behind, near plane, huge, off-screen
+        torch.stack([torch.zeros(n), torch.zeros(n), torch.linspace(-0.5, 0.5, n)], 1),  # opaque stack
+        (torch.rand(40, 3, generator=g) - 0.5) * torch.tensor([1.0, 1.0, 0.5]) + torch.tensor([-0.6, -0.5, 0.0]),
+    ])
+    N = means.shape[0]
+    quats = torch.randn(N, 4, generator=g)
+    scales = torch.full((N, 3), 0.08)
+    scales[2] = 3.0  # a splat larger than the image
+    scales[1] = 0.2
+    opac = torch.full((N,), 0.95)
+    colors = torch.rand(N, 3, generator=g)
+    return means, quats, scales, opac, colors, look_at((0.0, 0.0, 3.0))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 5), (33, 47)])
+def test_edge_cases_match_the_reference(size):
+    width, height = size
+    means, quats, scales, opac, colors, view = _edge_scene()
+    K = intrinsics(width, height)
+    leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors)]
+    bg = torch.tensor([[0.3, 0.2, 0.9]])
+    rgb, alpha, meta = rasterization(*leaves, view[None], K[None], width, height, backgrounds=bg, backend="compiled")
+    r_rgb, r_alpha, _, _ = reference_rasterize(*ref_leaves, view, K, width, height, background=bg[0])
+    assert (meta["radii"][0, :2] == 0).all()  # behind the camera and at the near plane: culled
+    torch.testing.assert_close(rgb[0], r_rgb, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(alpha[0], r_alpha, atol=2e-5, rtol=1e-4)
+    cot = _random_cotangents([r_rgb, r_alpha], seed=1)
+    ((rgb[0] * cot[0]).sum() + (alpha[0] * cot[1]).sum()).backward()
+    ((r_rgb * cot[0]).sum() + (r_alpha * cot[1]).sum()).backward()
+    for name, a, b in zip(["means", "quats", "scales", "opacities", "colors"], leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_saturated_pixels_stop_where_the_torch_backend_stops():
+    means, quats, scales, opac, _, view = _edge_scene()
+    K = intrinsics(W, H)
+    p = project_gaussians(means, quats, scales, view[None], K[None], W, H)
+    args = (p.means2d[0], p.conics[0], opac, p.radii[0], p.depths[0], W, H, 16)
+    gids, pids, weights = compiled.contributing_pairs(*args)
+    ref_g, ref_p, ref_w = contributing_pairs(*args, return_weights=True)
+    assert torch.equal(gids, ref_g) and torch.equal(pids, ref_p)  # same pairs, same order
+    torch.testing.assert_close(weights, ref_w, atol=1e-6, rtol=1e-4)
+    centre = (H // 2) * W + W // 2
+    assert 1.0 - weights[pids == centre].sum() < 1e-3  # the centre saturates ...
+    assert (pids == centre).sum() < 60  # ... and stops before the stack ends
+
+
+def test_zero_gaussians_and_empty_views():
+    view, K = look_at((0.0, 0.0, 3.0)), intrinsics(W, H)
+    empty = [torch.zeros(0, 3), torch.zeros(0, 4), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, 3)]
+    rgb, alpha, meta = rasterization(*empty, view[None], K[None], W, H, backgrounds=torch.ones(1, 3), backend="compiled")
+    assert rgb.shape == (1, H, W, 3) and torch.equal(rgb, torch.ones(1, H, W, 3)) and alpha.abs().max() == 0
+    behind = random_gaussians(20, seed=4)
+    behind = (behind[0] + torch.tensor([0.0, 0.0, 10.0]),) + behind[1:]  # all behind the camera
+    c = contributions(*behind[:4], view, K, W, H, backend="compiled")
+    assert len(c) == 0
+    labels = torch.zeros(H, W, dtype=torch.long)
+    g, patch, w = patch_weights(*behind[:4], view, K, labels, backend="compiled")
+    assert g.numel() == patch.numel() == w.numel() == 0
+
+
+def test_patch_sums_equal_the_summed_pairs():
+    (means, quats, scales, opac, _), view = random_gaussians(400, seed=6), look_at((0.4, -0.3, 3.0))
+    K = intrinsics(W, H)
+    g = torch.Generator().manual_seed(2)
+    patch_map = torch.randint(0, 7, (H // 4 + 1, W // 4 + 1), generator=g).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    patch_map = patch_map[:H, :W]  # blocks of patches, so Gaussians span several
+    pairs = contributions(means, quats, scales, opac, view, K, W, H, backend="torch")
+    ref = sum_pairs_by_patch(pairs.gaussian_ids, patch_map.reshape(-1)[pairs.pixel_ids], pairs.weights)
+    ours = patch_weights(means, quats, scales, opac, view, K, patch_map, backend="compiled")
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    torch.testing.assert_close(ours[2], ref[2], atol=1e-6, rtol=1e-4)
+    assert (torch.bincount(ours[0]) > 1).sum() > 20  # many Gaussians straddle patches
+
+
+def test_memory_guard_names_the_scene(monkeypatch):
+    means, quats, scales, opac, colors = random_gaussians(50, seed=7)
+    view, K = look_at((0.0, 0.0, 3.0)), intrinsics(W, H)
+    monkeypatch.setattr(compiled.os, "sysconf", lambda name: 1)  # 1 free page of 1 byte
+    with pytest.raises(MemoryError, match=r"50 Gaussians at 45x38"):
+        rasterization(means, quats, scales, opac, colors, view[None], K[None], W, H, backend="compiled")
+
+
+def _run_python(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+_FALLBACK_PROBE = """
+import warnings, torch
+from tests.gaussians import intrinsics, look_at, random_gaussians
+from trace3d_ns.rendering import rasterize
+warnings.simplefilter("always")
+params = random_gaussians(30, seed=1)
+with warnings.catch_warnings(record=True) as caught:
+    for _ in range(2):
+        rgb, alpha, _ = rasterize(*params, look_at((0, 0, 3.0))[None], intrinsics(20, 20)[None], 20, 20)
+messages = [str(w.message) for w in caught if "compiled CPU rasterizer" in str(w.message)]
+print(len(messages)); print(messages[0] if messages else "")
+print(float(alpha.max()) > 0)
+"""
+
+
+def test_numba_missing_falls_back_to_torch_with_one_warning():
+    blocker = "import sys; sys.modules['numba'] = None\n"
+    result = _run_python(blocker + _FALLBACK_PROBE, {})
+    assert result.returncode == 0, result.stderr
+    count, message, rendered = result.stdout.strip().splitlines()
+    assert count == "1" and "numba is not installed" in message and "torch backend" in message
+    assert rendered == "True"
+
+
+def test_unwritable_numba_cache_falls_back_to_torch_with_one_warning():
+    # numba tries each cache folder (NUMBA_CACHE_DIR, __pycache__, the user's cache) with this check;
+    # as root every folder is writable, so the check itself is made to fail
+    unwritable = (
+        "import numba.core.caching as caching\n"
+        "def refuse(self): raise PermissionError(13, 'Permission denied', self.get_cache_path())\n"
+        "caching._CacheLocator.ensure_cache_path = refuse\n"
+    )
+    result = _run_python(unwritable + _FALLBACK_PROBE, {})
+    assert result.returncode == 0, result.stderr
+    count, message, rendered = result.stdout.strip().splitlines()
+    assert count == "1" and "NUMBA_CACHE_DIR" in message
+    assert rendered == "True"
+
+
+def test_backend_choice_is_validated():
+    from trace3d_ns.rendering import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "compiled"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("gsplat", torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_backend("vulkan", torch.device("cpu"))
