@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The demo: set up, generate a scene with SAM-like masks, train trace3d on the CPU (RGB warm-up,
-# then Gaussian Instance Tracing and contrastive feature lifting), export the segmented Gaussians.
+# then Gaussian Instance Tracing and contrastive feature lifting, compiled CPU rasterizer), export
+# the segmented Gaussians, and draw one overview PNG of a few test views.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]      (default: ./demo_out)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT="$(mkdir -p "${1:-$ROOT/demo_out}" && cd "${1:-$ROOT/demo_out}" && pwd)"
-STEPS="${TRACE3D_DEMO_STEPS:-1000}"
-GIT_STEP="${TRACE3D_DEMO_GIT_STEP:-500}"
-SIZE="${TRACE3D_DEMO_SIZE:-112}"
+STEPS="${TRACE3D_DEMO_STEPS:-1500}"
+GIT_STEP="${TRACE3D_DEMO_GIT_STEP:-600}"
+SIZE="${TRACE3D_DEMO_SIZE:-128}"
+START=$SECONDS
 
 echo "[demo] generating the demo scene in $OUT/scene"
 trace3d-scene --out "$OUT/scene" --objects 5 --views 40 --size "$SIZE" --seed 0 --sam-like-masks --overwrite
@@ -24,9 +26,13 @@ echo "[demo] exporting every instance (trace3d-export) and the whole scene (ns-e
 trace3d-export --load-config "$CONFIG" --output-dir "$OUT/export/instances" --min-gaussians 50
 ns-export gaussian-splat --load-config "$CONFIG" --output-dir "$OUT/export"
 
+echo "[demo] drawing the overview of a few test views"
+python -m trace3d_ns.figure --load-config "$CONFIG" --out "$OUT/overview.png" >/dev/null
+
 cat <<MSG
 
-[demo] done. Outputs:
+[demo] done in $((SECONDS - START)) s. Outputs:
+  overview (test image | render | instances | feature PCA | objects alone):  $OUT/overview.png
   scene (images, GT instances, SAM-like masks):  $OUT/scene
   trained model config:                          $CONFIG
   checkpoints and tensorboard logs:              $OUT/outputs/demo/trace3d/demo

@@ -15,6 +15,12 @@ def _raster(args: argparse.Namespace) -> Dict:
     return run_raster_benchmark(num_gaussians=args.gaussians, size=args.size, repeats=args.repeats)
 
 
+def _step(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.step import run_step_benchmark
+
+    return run_step_benchmark(args.work)
+
+
 def _masks(args: argparse.Namespace) -> Dict:
     from trace3d_ns.data.bench_masks import run_masks_benchmark
 
@@ -56,6 +62,7 @@ BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "density": _density,
     "foreground": _foreground,
     "raster": _raster,
+    "step": _step,
     "masks": _masks,
     "export": _export,
     "trace": _trace,
@@ -70,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="ablation, density, foreground: working folder (finished trainings in it are reused)")
+                        help="ablation, density, foreground: working folder (finished trainings in it are reused); "
+                        "step: where its scene and runs go (default: a temporary folder)")
     parser.add_argument("--scene", default="dtu_scan37", help="foreground: dtu_scan37 or lego")
     args = parser.parse_args(argv)
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}

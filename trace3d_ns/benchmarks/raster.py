@@ -1,4 +1,8 @@
-"""Rasterizer benchmark: torch tile backend vs the brute-force reference, one thread."""
+"""Rasterizer benchmark: the compiled and torch backends and the brute-force reference.
+
+Forward + backward of one 20k-Gaussian SH-3 view at 128 px, one thread each; the compiled backend
+also with two threads, and its first-call compile time measured in a fresh process with an empty
+numba cache (then with the cache filled)."""
 
 from __future__ import annotations
 
@@ -42,19 +46,31 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
 def run_raster_benchmark(
     num_gaussians: int = 20000, size: int = 128, sh_degree: int = 3, repeats: int = 3, reference_repeats: int = 1
 ) -> Dict[str, float]:
+    from trace3d_ns.cuda import compiled
     from trace3d_ns.cuda.rasterization import rasterization
     from trace3d_ns.cuda.reference import reference_rasterize
     from trace3d_ns.rendering import contributions
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    compile_s, cached_load_s = _compile_times(num_gaussians, size, sh_degree)
     try:
         params = [p.requires_grad_(True) for p in benchmark_scene(num_gaussians, sh_degree=sh_degree)]
         view, K = camera(size, size)
 
-        def tiled() -> None:
-            rgb, alpha, _ = rasterization(*params, view[None], K[None], size, size, sh_degree=sh_degree)
+        def fwd_bwd(backend: str) -> None:
+            rgb, alpha, _ = rasterization(*params, view[None], K[None], size, size, sh_degree=sh_degree, backend=backend)
             (rgb.sum() + alpha.sum()).backward()
+
+        def tiled() -> None:
+            fwd_bwd("torch")
+
+        compiled_s = {}
+        for n in (1, 2):
+            compiled.set_threads(n)
+            fwd_bwd("compiled")  # warm-up
+            compiled_s[n] = _time(lambda: fwd_bwd("compiled"), repeats)
+        compiled.set_threads(0)
 
         def brute() -> None:
             rgb, alpha, _, _ = reference_rasterize(*params, view, K, size, size, sh_degree=sh_degree)
@@ -65,8 +81,11 @@ def run_raster_benchmark(
         brute_s = _time(brute, reference_repeats)
         with torch.no_grad():
             m, q, s, o, _ = (p.detach() for p in params)
-            n_pairs = len(contributions(m, q, s, o, view, K, size, size))
-            contrib_s = _time(lambda: contributions(m, q, s, o, view, K, size, size), repeats)
+            n_pairs = len(contributions(m, q, s, o, view, K, size, size, backend="torch"))
+            contrib_s = _time(lambda: contributions(m, q, s, o, view, K, size, size, backend="torch"), repeats)
+            compiled.set_threads(1)
+            compiled_contrib_s = _time(lambda: contributions(m, q, s, o, view, K, size, size, backend="compiled"), repeats)
+            compiled.set_threads(0)
             rgb, alpha, _ = rasterization(m, q, s, o, params[4].detach(), view[None], K[None], size, size, sh_degree=sh_degree)
     finally:
         torch.set_num_threads(threads)
@@ -83,4 +102,40 @@ def run_raster_benchmark(
         "contributions": n_pairs,
         "contributions_s": contrib_s,
         "contributions_per_s": n_pairs / contrib_s,
+        "compiled_fwd_bwd_s": compiled_s[1],
+        "compiled_fwd_bwd_2_threads_s": compiled_s[2],
+        "speedup_compiled_vs_torch": tiled_s / compiled_s[1],
+        "compiled_thread_scaling": compiled_s[1] / compiled_s[2],
+        "compiled_contributions_s": compiled_contrib_s,
+        "compile_s": compile_s,
+        "cached_load_s": cached_load_s,
     }
+
+
+_FIRST_CALL = """
+import time, torch
+from trace3d_ns.benchmarks.raster import benchmark_scene, camera
+from trace3d_ns.cuda.rasterization import rasterization
+params = [p.requires_grad_(True) for p in benchmark_scene({n}, sh_degree={sh})]
+view, K = camera({size}, {size})
+start = time.perf_counter()
+rgb, alpha, _ = rasterization(*params, view[None], K[None], {size}, {size}, sh_degree={sh}, backend="compiled")
+(rgb.sum() + alpha.sum()).backward()
+print(time.perf_counter() - start)
+"""
+
+
+def _compile_times(num_gaussians: int, size: int, sh_degree: int) -> tuple:
+    """Seconds of the first compiled forward + backward in a fresh process: with an empty numba
+    cache (compiling every kernel), then again with the cache it filled."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = _FIRST_CALL.format(n=num_gaussians, sh=sh_degree, size=size)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+    first, cached = (float(r.stdout.strip().splitlines()[-1]) for r in runs)
+    return first, cached
