@@ -24,6 +24,7 @@ def _trainer(scene: Path, out: Path, backend: str, features: bool, gaussians: in
 
     cfg = copy.deepcopy(trace3d_method.config)
     cfg.data = scene
+    cfg.pipeline.datamanager.data = scene  # as ns-train does with --data
     cfg.output_dir = out
     cfg.experiment_name = f"step_{backend}_{'features' if features else 'rgb'}"
     cfg.vis = "tensorboard"
