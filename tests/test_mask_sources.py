@@ -133,6 +133,16 @@ def test_sam_and_sam2_checkpoint_errors_before_importing_anything_heavy():
     assert out.stdout.strip().endswith("ok")
 
 
+def test_sam_checkpoint_is_stamped_by_content(tmp_path):
+    a, b, moved = tmp_path / "a" / "sam_vit_b_01ec64.pth", tmp_path / "b" / "sam_vit_b_01ec64.pth", tmp_path / "x.pth"
+    for path, payload in ((a, b"weights-1"), (b, b"weights-2"), (moved, b"weights-1")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(payload)
+    stamp = {p: SamMaskSourceConfig(checkpoint=p).setup().cache_settings()["checkpoint"] for p in (a, b, moved)}
+    assert stamp[a] == stamp[moved] != stamp[b]  # same name and size, other weights: another key
+    assert SamMaskSourceConfig(checkpoint=tmp_path / "none.pth").setup().cache_settings()["checkpoint"] is None
+
+
 def test_sam_cache_settings_ignore_speed_knobs():
     a = SamMaskSourceConfig(device="cpu", points_per_batch=16).cache_settings()
     b = SamMaskSourceConfig(device="cuda", points_per_batch=64).cache_settings()

@@ -25,7 +25,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Optional, Tuple, Type, Union
+from typing import Any, Dict, Literal, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ def build_sam2_from_checkpoint(config: Sam2MaskSourceConfig) -> torch.nn.Module:
         sizes = ", ".join(f"{k}: {v[1]}" for k, v in SAM2_MODELS.items())
         raise MaskSourceError(
             f"SAM 2 checkpoint '{checkpoint}' does not fit the model config {model_config}: {problem}. Check that "
-            f"--pipeline.datamanager.sam2.model (or .model-config) matches the checkpoint ({sizes})."
+            f"--pipeline.datamanager.sam2.model (or --pipeline.datamanager.sam2.model-config) matches the checkpoint ({sizes})."
         )
     model.load_state_dict(state)
     return model
@@ -329,15 +329,6 @@ class Sam2MaskSource(PromptGridMaskSource):
     """
 
     config: Sam2MaskSourceConfig
-
-    def __init__(
-        self,
-        config: Sam2MaskSourceConfig,
-        device: Union[str, torch.device] = "cpu",
-        build_model: Optional[Callable[[Sam2MaskSourceConfig], torch.nn.Module]] = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(config, device=device, build_model=build_model)
 
     def check_model_files(self) -> None:
         check_sam2_files(self.config)
