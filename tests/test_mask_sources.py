@@ -107,7 +107,7 @@ def test_sam_missing_checkpoint_is_one_clear_paragraph(tmp_path):
     assert str(missing) in str(info.value)
 
 
-def test_sam_checkpoint_error_before_importing_anything_heavy():
+def test_sam_and_sam2_checkpoint_errors_before_importing_anything_heavy():
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -119,11 +119,28 @@ def test_sam_checkpoint_error_before_importing_anything_heavy():
         "except SamCheckpointNotFoundError:\n"
         "    pass\n"
         "assert 'segment_anything' not in sys.modules\n"
+        "from trace3d_ns.data.sam2_source import Sam2MaskSourceConfig\n"
+        "from trace3d_ns.data.mask_sources import MissingModelFileError\n"
+        "try:\n"
+        "    Sam2MaskSourceConfig().setup().check_inputs([Path('a.png')])\n"
+        "except MissingModelFileError:\n"
+        "    pass\n"
+        "assert not {'sam2', 'hydra', 'omegaconf'} & set(sys.modules), 'sam2 imported before it is needed'\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_sam_checkpoint_is_stamped_by_content(tmp_path):
+    a, b, moved = tmp_path / "a" / "sam_vit_b_01ec64.pth", tmp_path / "b" / "sam_vit_b_01ec64.pth", tmp_path / "x.pth"
+    for path, payload in ((a, b"weights-1"), (b, b"weights-2"), (moved, b"weights-1")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(payload)
+    stamp = {p: SamMaskSourceConfig(checkpoint=p).setup().cache_settings()["checkpoint"] for p in (a, b, moved)}
+    assert stamp[a] == stamp[moved] != stamp[b]  # same name and size, other weights: another key
+    assert SamMaskSourceConfig(checkpoint=tmp_path / "none.pth").setup().cache_settings()["checkpoint"] is None
 
 
 def test_sam_cache_settings_ignore_speed_knobs():
@@ -224,8 +241,12 @@ def test_superpixel_is_fast_enough():
 
 
 def test_make_mask_source_selects_by_name(tmp_path):
-    configs = {"sam": SamMaskSourceConfig(), "folder": FolderMaskSourceConfig(), "superpixel": SuperpixelMaskSourceConfig()}
+    from trace3d_ns.data.sam2_source import Sam2MaskSource, Sam2MaskSourceConfig
+
+    configs = {"sam": SamMaskSourceConfig(), "sam2": Sam2MaskSourceConfig(), "folder": FolderMaskSourceConfig(),
+               "superpixel": SuperpixelMaskSourceConfig()}
     assert isinstance(make_mask_source("superpixel", configs, device="cpu", data_dir=tmp_path), SuperpixelMaskSource)
+    assert isinstance(make_mask_source("sam2", configs, device="cpu", data_dir=tmp_path), Sam2MaskSource)
     folder = make_mask_source("folder", configs, device="cpu", data_dir=tmp_path)
     assert isinstance(folder, FolderMaskSource) and folder.directory == tmp_path / "masks"
     assert isinstance(make_mask_source("sam", configs, device="cpu", data_dir=tmp_path), SamMaskSource)

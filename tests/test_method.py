@@ -10,7 +10,7 @@ import torch
 from tests.gaussians import intrinsics, look_at, random_gaussians
 from trace3d_ns.cuda.rasterization import rasterization
 
-HEAVY = ("segment_anything", "skimage", "sklearn", "trimesh", "embreex", "open3d", "plyfile")  # torch itself loads triton
+HEAVY = ("segment_anything", "sam2", "hydra", "skimage", "sklearn", "trimesh", "embreex", "open3d", "plyfile")  # torch itself loads triton
 
 
 def test_method_is_registered_through_the_entry_point():

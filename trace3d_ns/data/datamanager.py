@@ -17,6 +17,8 @@ Choosing the mask source on the command line::
 
     ns-train trace3d --pipeline.datamanager.mask-source sam \
         --pipeline.datamanager.sam.checkpoint ~/ckpt/sam_vit_h_4b8939.pth ...
+    ns-train trace3d --pipeline.datamanager.mask-source sam2 \
+        --pipeline.datamanager.sam2.checkpoint ~/ckpt/sam2.1_hiera_large.pt ...
     ns-train trace3d --pipeline.datamanager.mask-source folder \
         --pipeline.datamanager.folder.directory sam_masks ...
     ns-train trace3d --pipeline.datamanager.mask-source superpixel ...
@@ -28,7 +30,7 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Type, Union, get_args
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from trace3d_ns.data.mask_sources import (
     file_digest,
     make_mask_source,
 )
+from trace3d_ns.data.sam2_source import Sam2MaskSourceConfig
 from trace3d_ns.data.patches import SmallPatchPolicy, masks_to_patches
 
 PATCHES_KIND = "patches"
@@ -69,9 +72,12 @@ class Trace3DDataManagerConfig(FullImageDatamanagerConfig):
     _target: Type = field(default_factory=lambda: Trace3DDataManager)
     mask_source: MaskSourceName = "sam"
     """Where the 2D instance masks come from: sam (needs a checkpoint, see --pipeline.datamanager.sam.*),
-    folder (precomputed, see --pipeline.datamanager.folder.*) or superpixel (weights-free)."""
+    sam2 (SAM 2.1: the sam2 extra and a checkpoint, see --pipeline.datamanager.sam2.*), folder
+    (precomputed, see --pipeline.datamanager.folder.*) or superpixel (weights-free)."""
     sam: SamMaskSourceConfig = field(default_factory=SamMaskSourceConfig)
     """Settings of the sam source (used when mask_source is sam)."""
+    sam2: Sam2MaskSourceConfig = field(default_factory=Sam2MaskSourceConfig)
+    """Settings of the sam2 source (used when mask_source is sam2)."""
     folder: FolderMaskSourceConfig = field(default_factory=FolderMaskSourceConfig)
     """Settings of the folder source (used when mask_source is folder)."""
     superpixel: SuperpixelMaskSourceConfig = field(default_factory=SuperpixelMaskSourceConfig)
@@ -235,7 +241,7 @@ class Trace3DDataManager(FullImageDatamanager):
     def _build_mask_source(self) -> MaskSource:
         if self._injected_mask_source is not None:
             return self._injected_mask_source
-        configs = {"sam": self.config.sam, "folder": self.config.folder, "superpixel": self.config.superpixel}
+        configs = {name: getattr(self.config, name) for name in get_args(MaskSourceName)}
         return make_mask_source(self.config.mask_source, configs, device=self.device, data_dir=self.data_dir)
 
     def _patch_settings(self, source: MaskSource) -> Dict[str, Any]:

@@ -1,14 +1,16 @@
 """Where the per-image 2D instance masks come from.
 
 Each source turns an RGB uint8 image ``[H, W, 3]`` into ``[K, H, W]`` bool masks that may overlap
-(:mod:`trace3d_ns.data.patches` turns them into disjoint patches). Three sources:
+(:mod:`trace3d_ns.data.patches` turns them into disjoint patches). The sources:
 
 - ``sam``: segment-anything's ``SamAutomaticMaskGenerator`` (needs a local checkpoint).
+- ``sam2``: SAM 2.1's ``SAM2AutomaticMaskGenerator`` (optional ``sam2`` package, local checkpoint);
+  it lives in :mod:`trace3d_ns.data.sam2_source` and shares :class:`PromptGridMaskSource` with ``sam``.
 - ``folder``: precomputed masks, one file per image (``.npy`` bool stacks or ``.png`` label maps).
 - ``superpixel``: weights-free multi-scale Felzenszwalb segments from scikit-image.
 
-The configs are plain nerfstudio-style dataclasses; heavy libraries (segment_anything, skimage)
-are imported only when masks are actually computed.
+The configs are plain nerfstudio-style dataclasses; heavy libraries (segment_anything, sam2,
+skimage) are imported only when masks are actually computed.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 
 from nerfstudio.configs.base_config import InstantiateConfig
 
-MaskSourceName = Literal["sam", "folder", "superpixel"]
-"""Names accepted by ``Trace3DDataManagerConfig.mask_source``."""
+MaskSourceName = Literal["sam", "sam2", "folder", "superpixel"]
+"""Names accepted by ``Trace3DDataManagerConfig.mask_source`` (each is also the name of the
+datamanager's config field holding that source's settings)."""
 
 SAM_CHECKPOINT_FILES: Dict[str, str] = {
     "vit_h": "sam_vit_h_4b8939.pth",
@@ -35,13 +38,28 @@ SAM_CHECKPOINT_FILES: Dict[str, str] = {
 
 SAM_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
+WEIGHTS_FREE_SOURCES = (
+    "The 'folder' source (precomputed masks: `--pipeline.datamanager.mask-source folder "
+    "--pipeline.datamanager.folder.directory DIR`) and the 'superpixel' source "
+    "(`--pipeline.datamanager.mask-source superpixel`) work without any weights."
+)
+"""The sentence every missing-weights message ends with."""
+
 
 class MaskSourceError(RuntimeError):
     """A mask source cannot produce masks for an image (bad input files, wrong sizes, ...)."""
 
 
-class SamCheckpointNotFoundError(FileNotFoundError):
+class MissingModelFileError(FileNotFoundError):
+    """A model file (checkpoint or model config) needed by a mask source is missing."""
+
+
+class SamCheckpointNotFoundError(MissingModelFileError):
     """The segment-anything checkpoint needed by the ``sam`` mask source is missing."""
+
+
+class MissingPackageError(ImportError):
+    """An optional package needed by a mask source is not installed."""
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -54,6 +72,30 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+_STAMPS: Dict[Tuple[str, int, int], str] = {}
+
+
+def model_file_stamp(path: Optional[Path]) -> Optional[str]:
+    """Content stamp of a model file (checkpoint, config): :func:`file_digest`, or None if the path
+    is unset or not a file.
+
+    Checkpoints are hundreds of MB and every training start needs their stamp for the cache key, so
+    digests are remembered per process by (resolved path, size, modification time). The stamp does
+    not depend on the file's name or place: moving a checkpoint keeps its cached masks valid, and
+    replacing its weights invalidates them.
+    """
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _STAMPS:
+        _STAMPS[memo] = file_digest(path)
+    return _STAMPS[memo]
 
 
 def as_rgb_uint8(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
@@ -70,6 +112,15 @@ def as_rgb_uint8(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     if image.dtype != np.uint8:
         image = np.clip(np.round(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
+
+
+def sort_masks_by_area(masks: np.ndarray) -> np.ndarray:
+    """[K, H, W] bool masks reordered from the largest to the smallest (stable: ties keep their
+    order), so that a source's output does not depend on the generator's internal order."""
+    if masks.shape[0] < 2:
+        return masks
+    areas = masks.reshape(masks.shape[0], -1).sum(1)  # [K]
+    return masks[np.argsort(-areas, kind="stable")]
 
 
 @dataclass
@@ -141,12 +192,131 @@ class MaskSource:
 
 
 # --------------------------------------------------------------------------------------------
+# SAM-family sources: a model from a local checkpoint, prompted with a grid of points
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptGridMaskSourceConfig(MaskSourceConfig):
+    """Settings shared by the SAM-family sources (``sam``, ``sam2``): a model loaded from a local
+    checkpoint and run by its package's automatic mask generator on a grid of point prompts."""
+
+    _target: Type = field(default_factory=lambda: PromptGridMaskSource)
+    checkpoint: Optional[Path] = None
+    """Local model checkpoint (nothing is ever downloaded)."""
+    device: Optional[str] = None
+    """Torch device to run the model on; None uses the datamanager's device."""
+    points_per_side: int = 32
+    """Side of the grid of point prompts (points_per_side**2 prompts per image)."""
+    points_per_batch: int = 64
+    """Prompts run through the mask decoder at once (memory vs speed; does not change the masks)."""
+    min_mask_region_area: int = 0
+    """If > 0, remove disconnected regions and holes smaller than this many pixels (uses OpenCV)."""
+
+    _not_in_cache_key: ClassVar[Tuple[str, ...]] = ("device", "points_per_batch")
+
+
+class PromptGridMaskSource(MaskSource):
+    """Shared machinery of the SAM-family sources.
+
+    The model is built once, on first use, on ``config.device`` (else the datamanager's device),
+    from the local files the subclass names (:meth:`check_model_files`, :meth:`build_model`), or by
+    an injected factory; the cache key carries the content stamps of those files. Masks come back
+    ordered from the largest to the smallest.
+
+    Args:
+        config: the settings.
+        device: device used when ``config.device`` is None.
+        build_model: factory ``config -> model`` used instead of the checkpoint (tests and scripts
+            inject small random-weight models here); its masks are cached apart from the files'.
+    """
+
+    config: PromptGridMaskSourceConfig
+
+    def __init__(
+        self,
+        config: PromptGridMaskSourceConfig,
+        device: Union[str, torch.device] = "cpu",
+        build_model: Optional[Callable[[Any], torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config)
+        self.device = torch.device(config.device if config.device is not None else device)
+        self._injected_model = build_model
+        self._generator: Any = None
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    def check_model_files(self) -> None:
+        """Raise a one-paragraph error (:class:`MissingPackageError`, :class:`MissingModelFileError`)
+        if a package or file the model needs is missing. Must not import the heavy package."""
+        raise NotImplementedError
+
+    def model_file_stamps(self) -> Dict[str, Any]:
+        """Content stamps of the model's files, merged into the cache settings (None for a missing file)."""
+        return {"checkpoint": model_file_stamp(self.config.checkpoint)}
+
+    def build_model(self) -> torch.nn.Module:
+        """The model with the checkpoint's weights (called after :meth:`check_model_files`)."""
+        raise NotImplementedError
+
+    def make_generator(self, model: torch.nn.Module) -> Any:
+        """The package's automatic mask generator around ``model`` with ``self.config``'s settings."""
+        raise NotImplementedError
+
+    def generate(self, generator: Any, rgb: np.ndarray) -> np.ndarray:
+        """[K, H, W] bool masks of the [H, W, 3] uint8 RGB image (any order)."""
+        records = generator.generate(rgb)
+        if not records:
+            return np.zeros((0, *rgb.shape[:2]), dtype=bool)
+        return np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])  # [K, H, W]
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def cache_settings(self) -> Dict[str, Any]:
+        settings = self.config.cache_settings()
+        if self._injected_model is not None:
+            # An injected model is not described by the files: keep its cache entries apart.
+            settings["model_factory"] = getattr(self._injected_model, "__qualname__", repr(self._injected_model))
+        else:
+            settings.update(self.model_file_stamps())
+        return settings
+
+    def check_inputs(self, image_paths: Sequence[Path]) -> None:
+        if self._injected_model is None:
+            self.check_model_files()
+
+    def _ensure_generator(self) -> Any:
+        if self._generator is None:
+            if self._injected_model is not None:
+                model = self._injected_model(self.config)
+            else:
+                self.check_model_files()
+                model = self.build_model()
+            model.to(self.device).eval()
+            self._generator = self.make_generator(model)
+        return self._generator
+
+    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
+        rgb = as_rgb_uint8(image)  # [H, W, 3] RGB, as the SAM packages expect (the authors fed BGR from cv2)
+        generator = self._ensure_generator()
+        with torch.inference_mode():
+            masks = self.generate(generator, rgb)  # [K, H, W]
+        return sort_masks_by_area(masks)  # deterministic: large to small
+
+    def close(self) -> None:
+        self._generator = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class SamMaskSourceConfig(MaskSourceConfig):
+class SamMaskSourceConfig(PromptGridMaskSourceConfig):
     """segment-anything automatic mask generation (the paper's source)."""
 
     _target: Type = field(default_factory=lambda: SamMaskSource)
@@ -154,20 +324,10 @@ class SamMaskSourceConfig(MaskSourceConfig):
     """SAM backbone; must match the checkpoint (the paper used vit_h)."""
     checkpoint: Optional[Path] = None
     """Local SAM checkpoint, e.g. sam_vit_h_4b8939.pth from the segment-anything release."""
-    device: Optional[str] = None
-    """Torch device to run SAM on; None uses the datamanager's device."""
-    points_per_side: int = 32
-    """Side of the grid of point prompts (points_per_side**2 prompts per image)."""
-    points_per_batch: int = 64
-    """Prompts run through the mask decoder at once (memory vs speed; does not change the masks)."""
     pred_iou_thresh: float = 0.88
     """Drop masks whose predicted IoU is below this."""
     stability_score_thresh: float = 0.9
     """Drop masks whose stability score is below this (the authors used 0.9)."""
-    min_mask_region_area: int = 0
-    """If > 0, remove disconnected regions and holes smaller than this many pixels (uses OpenCV)."""
-
-    _not_in_cache_key: ClassVar[Tuple[str, ...]] = ("device", "points_per_batch")
 
 
 def _missing_checkpoint_message(config: SamMaskSourceConfig) -> str:
@@ -180,9 +340,7 @@ def _missing_checkpoint_message(config: SamMaskSourceConfig) -> str:
         f"github.com/facebookresearch/segment-anything) and pass it with "
         f"`--pipeline.datamanager.sam.checkpoint /path/to/{name}` (and "
         f"`--pipeline.datamanager.sam.model-type {config.model_type}` to match the file). "
-        f"The 'folder' source (precomputed masks: `--pipeline.datamanager.mask-source folder "
-        f"--pipeline.datamanager.folder.directory DIR`) and the 'superpixel' source "
-        f"(`--pipeline.datamanager.mask-source superpixel`) work without any weights."
+        + WEIGHTS_FREE_SOURCES
     )
 
 
@@ -242,7 +400,7 @@ def build_tiny_random_sam(config: Optional[SamMaskSourceConfig] = None, img_size
         torch.random.set_rng_state(generator_state)
 
 
-class SamMaskSource(MaskSource):
+class SamMaskSource(PromptGridMaskSource):
     """Runs ``SamAutomaticMaskGenerator`` on the RGB image.
 
     Args:
@@ -261,61 +419,30 @@ class SamMaskSource(MaskSource):
         build_sam_model: Optional[Callable[[SamMaskSourceConfig], torch.nn.Module]] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(config)
-        self.device = torch.device(config.device if config.device is not None else device)
-        self._build_sam_model = build_sam_model or build_sam_from_checkpoint
-        self._generator: Any = None
+        if build_sam_model is build_sam_from_checkpoint:
+            build_sam_model = None  # the default: identified by the checkpoint's stamp
+        super().__init__(config, device=device, build_model=build_sam_model)
 
-    def cache_settings(self) -> Dict[str, Any]:
-        settings = self.config.cache_settings()
-        if self._build_sam_model is not build_sam_from_checkpoint:
-            # An injected model is not described by the checkpoint path: keep its cache entries apart.
-            settings["model_factory"] = getattr(self._build_sam_model, "__qualname__", repr(self._build_sam_model))
-        elif self.config.checkpoint is not None:
-            # Identify the weights by file name and size, so moving the file keeps the cache valid.
-            path = Path(self.config.checkpoint).expanduser()
-            settings["checkpoint"] = [path.name, path.stat().st_size if path.is_file() else -1]
-        return settings
-
-    def check_inputs(self, image_paths: Sequence[Path]) -> None:
-        if self._build_sam_model is build_sam_from_checkpoint and (
-            self.config.checkpoint is None or not Path(self.config.checkpoint).expanduser().is_file()
-        ):
+    def check_model_files(self) -> None:
+        if self.config.checkpoint is None or not Path(self.config.checkpoint).expanduser().is_file():
             raise SamCheckpointNotFoundError(_missing_checkpoint_message(self.config))
 
-    def _ensure_generator(self) -> Any:
-        if self._generator is None:
-            from segment_anything import SamAutomaticMaskGenerator  # heavy, lazy
+    def build_model(self) -> torch.nn.Module:
+        return build_sam_from_checkpoint(self.config)
 
-            model = self._build_sam_model(self.config)
-            model.to(self.device).eval()
-            c = self.config
-            self._generator = SamAutomaticMaskGenerator(
-                model,
-                points_per_side=c.points_per_side,
-                points_per_batch=c.points_per_batch,
-                pred_iou_thresh=c.pred_iou_thresh,
-                stability_score_thresh=c.stability_score_thresh,
-                min_mask_region_area=c.min_mask_region_area,
-                output_mode="binary_mask",
-            )
-        return self._generator
+    def make_generator(self, model: torch.nn.Module) -> Any:
+        from segment_anything import SamAutomaticMaskGenerator  # heavy, lazy
 
-    def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
-        rgb = as_rgb_uint8(image)  # [H, W, 3] RGB, as SAM expects (the authors fed BGR from cv2)
-        generator = self._ensure_generator()
-        with torch.inference_mode():
-            records = generator.generate(rgb)
-        H, W = rgb.shape[:2]
-        if not records:
-            return np.zeros((0, H, W), dtype=bool)
-        records = sorted(records, key=lambda r: -int(r["area"]))  # deterministic: large to small
-        return np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])  # [K, H, W]
-
-    def close(self) -> None:
-        self._generator = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        c = self.config
+        return SamAutomaticMaskGenerator(
+            model,
+            points_per_side=c.points_per_side,
+            points_per_batch=c.points_per_batch,
+            pred_iou_thresh=c.pred_iou_thresh,
+            stability_score_thresh=c.stability_score_thresh,
+            min_mask_region_area=c.min_mask_region_area,
+            output_mode="binary_mask",
+        )
 
 
 # --------------------------------------------------------------------------------------------
