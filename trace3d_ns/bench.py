@@ -12,7 +12,15 @@ from typing import Callable, Dict, List, Optional
 def _raster(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.raster import run_raster_benchmark
 
-    return run_raster_benchmark(num_gaussians=args.gaussians, size=args.size, repeats=args.repeats)
+    return run_raster_benchmark(num_gaussians=args.gaussians or 20000, size=args.size or 128, repeats=args.repeats)
+
+
+def _scale(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.scale import run_scale_benchmark
+
+    return run_scale_benchmark(
+        num_gaussians=args.gaussians or 1_000_000, num_views=args.views, size=args.size or 256, threads=args.threads
+    )
 
 
 def _step(args: argparse.Namespace) -> Dict:
@@ -62,6 +70,7 @@ BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "density": _density,
     "foreground": _foreground,
     "raster": _raster,
+    "scale": _scale,
     "step": _step,
     "masks": _masks,
     "export": _export,
@@ -73,8 +82,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="trace3d-bench", description=__doc__)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
-    parser.add_argument("--gaussians", type=int, default=20000, help="raster: number of Gaussians")
-    parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
+    parser.add_argument("--gaussians", type=int, default=None,
+                        help="raster: number of Gaussians (default 20000); scale: (default 1000000)")
+    parser.add_argument("--size", type=int, default=None, help="raster (default 128), scale (default 256): image side")
+    parser.add_argument("--views", type=int, default=200, help="scale: number of views")
+    parser.add_argument("--threads", type=int, default=None, help="scale: torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
                         help="ablation, density, foreground: working folder (finished trainings in it are reused); "

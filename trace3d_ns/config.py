@@ -6,7 +6,10 @@ anyway); SAM, scikit-image, scikit-learn, trimesh and Triton load lazily where t
 
 from __future__ import annotations
 
-from nerfstudio.configs.base_config import ViewerConfig
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TrainerConfig
@@ -19,6 +22,39 @@ from trace3d_ns.schedulers import FloatExponentialDecaySchedulerConfig
 MAX_STEPS = 30000
 
 
+@dataclass
+class Trace3DMachineConfig(MachineConfig):
+    """nerfstudio's machine settings, with `auto` as the default device type."""
+
+    device_type: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: cuda when torch sees a CUDA GPU, else cpu (with one warning); cuda without a GPU is an error."""
+
+
+@dataclass
+class Trace3DTrainerConfig(TrainerConfig):
+    """TrainerConfig whose `machine.device_type` may be `auto`, resolved before anything reads it:
+    by `save_config` (ns-train saves the config, then launches with its device type) and by `setup`
+    (whatever builds the Trainer)."""
+
+    machine: MachineConfig = field(default_factory=Trace3DMachineConfig)
+    """Machine configuration (device type `auto` by default)."""
+
+    def resolve_device(self) -> None:
+        """Replace `auto` by the device this machine has (see `trace3d_ns.device.resolve_device_type`)."""
+        from trace3d_ns.device import resolve_device_type
+
+        self.machine.device_type = resolve_device_type(self.machine.device_type)
+
+    def save_config(self) -> None:
+        self.resolve_device()
+        super().save_config()
+
+    def setup(self, **kwargs):
+        self.resolve_device()
+        return super().setup(**kwargs)
+
+
+
 def _adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:
     scheduler = None
     if final is not None:
@@ -29,9 +65,11 @@ def _adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:
 
 
 def trace3d_trainer_config() -> TrainerConfig:
-    """A fresh `TrainerConfig` for the trace3d method (splatfacto's schedule and learning rates)."""
-    return TrainerConfig(
+    """A fresh `TrainerConfig` for the trace3d method (splatfacto's schedule and learning rates; the
+    device is the GPU when there is one, else the CPU)."""
+    return Trace3DTrainerConfig(
         method_name="trace3d",
+        machine=Trace3DMachineConfig(),
         steps_per_eval_image=100,
         steps_per_eval_batch=0,
         steps_per_save=2000,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 import torch
@@ -11,13 +12,64 @@ class DeviceUnavailableError(RuntimeError):
     """The requested torch device does not exist on this machine."""
 
 
+class GsplatUnavailableError(RuntimeError):
+    """A CUDA run needs gsplat's CUDA kernels, and they cannot be loaded or built."""
+
+
+class DeviceFallbackWarning(UserWarning):
+    """No device was asked for and there is no CUDA GPU: trace3d runs on the CPU."""
+
+
+CPU_HINT = "`--machine.device-type cpu` to the ns-train command"
+
+
 def require_device(device: Union[str, torch.device]) -> torch.device:
     """Returns `device` as a torch.device, or raises a clear error when CUDA is asked for without one."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             "CUDA was requested, but this machine has no usable CUDA GPU (torch.cuda.is_available() is False). "
-            "trace3d runs on the CPU too, through its own torch rasterizer: add "
-            "`--machine.device-type cpu` to the ns-train command."
+            f"trace3d runs on the CPU too, through its own torch rasterizer: add {CPU_HINT}."
         )
     return device
+
+
+def resolve_device_type(device_type: str) -> str:
+    """`auto` -> `cuda` when torch sees a CUDA GPU, else `cpu` with one `DeviceFallbackWarning`;
+    any other device type is returned as asked (an explicit `cuda` without a GPU then fails later
+    with `DeviceUnavailableError`)."""
+    if device_type != "auto":
+        return device_type
+    if torch.cuda.is_available():
+        return "cuda"
+    warnings.warn(
+        "No CUDA GPU found (torch.cuda.is_available() is False): trace3d trains on the CPU with its torch "
+        f"rasterizer, which is much slower than gsplat on a GPU. Add {CPU_HINT} to choose this explicitly.",
+        DeviceFallbackWarning,
+        stacklevel=2,
+    )
+    return "cpu"
+
+
+def require_gsplat_cuda() -> None:
+    """Raises `GsplatUnavailableError` unless gsplat's CUDA extension is loaded.
+
+    gsplat 1.4.0 from PyPI ships no compiled kernels: the first use of `gsplat.cuda` compiles them
+    with nvcc (minutes, cached in torch's extension folder). Without a CUDA toolkit gsplat only
+    prints a notice and leaves its extension `None`, and the first render then fails with a bare
+    `AttributeError`. This triggers that import (and build) now and says what to do.
+    """
+    try:
+        from gsplat.cuda import _backend
+    except Exception as err:  # the JIT build itself failed (compiler, toolkit / torch CUDA mismatch, ...)
+        raise GsplatUnavailableError(
+            f"gsplat could not build its CUDA kernels ({type(err).__name__}: {err}). Check that nvcc matches "
+            f"torch's CUDA {torch.version.cuda} (`nvcc --version`), or train on the CPU: add {CPU_HINT}."
+        ) from err
+    if getattr(_backend, "_C", None) is None:
+        raise GsplatUnavailableError(
+            "gsplat's CUDA kernels are not available: gsplat compiles them with nvcc on first use, and no CUDA "
+            f"toolkit was found (`nvcc` is not on PATH). Install the CUDA toolkit matching torch's CUDA "
+            f"{torch.version.cuda} and put its bin/ on PATH (or set CUDA_HOME), or run on the CPU: add {CPU_HINT} "
+            "(ns-viewer and ns-export: run them with CUDA_VISIBLE_DEVICES= to use the CPU)."
+        )

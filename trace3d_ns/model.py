@@ -1,8 +1,9 @@
 """Trace3DModel: splatfacto on any device, rendering through `trace3d_ns.rendering`.
 
 Differences from `SplatfactoModel`: no `.cuda()` (everything follows the model's device), the
-rasterizer backend is a config field (by default gsplat on CUDA, the compiled kernels on the CPU),
-and LPIPS is only built when its weights are already on disk.
+rasterizer backend is a config field (by default gsplat on CUDA, its kernels checked at start-up,
+and the compiled kernels on the CPU), LPIPS is only built when its weights are already on disk, and
+the viewer's outputs start with `rgb` (nerfstudio's viewer opens on the first key).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from trace3d_ns.data.patches import downscale_patches
-from trace3d_ns.device import require_device
+from trace3d_ns.device import require_device, require_gsplat_cuda
 from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
 from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
@@ -54,8 +55,14 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     selection_views: int = 64
     """Training views (spread evenly; 0 = all) whose rendered features are traced back onto the
     Gaussians for feature-similarity selection (see ``trace3d_ns.features.backprojection``)."""
+    selection_refresh_steps: int = 500
+    """While training, the selection features (see ``selection_views``) are recomputed at most every
+    this many steps, and when the number of Gaussians changes: every optimizer step changes their
+    inputs, and recomputing them renders ``selection_views`` views under the viewer's training lock.
+    Outside training they are recomputed whenever the Gaussians change."""
     feature_grad_to_geometry: bool = False
-    """Whether the contrastive loss may move means, scales, rotations and opacities."""
+    """Whether the contrastive loss may move means, scales, rotations and opacities (and add to the
+    screen-space gradients densification reads, on every backend)."""
     rasterizer: Literal["auto", "gsplat", "compiled", "torch"] = "auto"
     """Rasterizer backend. auto: gsplat's kernels on CUDA, the compiled (numba) tile kernels on the
     CPU; compiled / gsplat: force one (CPU / CUDA only); torch: the tile-based torch rasterizer,
@@ -75,6 +82,8 @@ class Trace3DModel(SplatfactoModel):
 
     def __init__(self, *args, **kwargs) -> None:
         device = require_device(kwargs.get("device", "cpu"))
+        if device.type == "cuda":
+            require_gsplat_cuda()  # a clear message now, not an AttributeError at the first render
         super().__init__(*args, **kwargs)
         if device.type == "cpu" and self.config.cpu_threads > 0:
             torch.set_num_threads(self.config.cpu_threads)
@@ -187,18 +196,29 @@ class Trace3DModel(SplatfactoModel):
     @torch.no_grad()
     def selection_features(self) -> Tensor:
         """Per-Gaussian features that feature selection compares: the rendered features traced back
-        over the training views (cached until the Gaussians change); the raw features when the
+        over the training views (cached, see ``selection_cache_key``); the raw features when the
         model has no training cameras. [N, D]"""
         features = self.gauss_params["features"]
         if self.selection_cameras is None:
             return features.detach()
-        key = (self.num_points, features._version, self.means._version, id(self.selection_cameras))
+        key = self.selection_cache_key()
         if self._selection_features is None or self._selection_features[0] != key:
             from trace3d_ns.features.backprojection import backproject_features
 
             cameras = self.selection_cameras.to(self.device)
             self._selection_features = (key, backproject_features(self, cameras, self.config.selection_views))
         return self._selection_features[1]
+
+    def selection_cache_key(self) -> tuple:
+        """What the selection features depend on: the cameras, the number of views and Gaussians, and
+        the Gaussians' parameters. While training (an optimizer is attached by ``step_cb``) every step
+        changes the parameters, so they stand in as the step, in blocks of ``selection_refresh_steps``;
+        otherwise as each parameter tensor's identity and in-place version."""
+        key = (id(self.selection_cameras), self.config.selection_views, self.num_points)
+        if getattr(self, "optimizers", None) is not None:
+            return key + ("step", self.step // max(self.config.selection_refresh_steps, 1))
+        names = ("features", "means", "quats", "scales", "opacities")
+        return key + tuple((id(self.gauss_params[n]), self.gauss_params[n]._version) for n in names)
 
     PER_GAUSSIAN_BUFFERS = ("instance_labels", "instance_confidence", "density_children")
     """Buffers with one row per Gaussian (or empty): resized on load, carried through densification."""
@@ -250,13 +270,16 @@ class Trace3DModel(SplatfactoModel):
             **({"features": pick(self.gauss_params["features"])} if self.has_features else {}),
         }
 
-    def camera_matrices(self, camera: Cameras, as_given: bool = False) -> tuple[Tensor, Tensor, int, int]:
+    def camera_matrices(
+        self, camera: Cameras, as_given: bool = False, full_resolution: bool = False
+    ) -> tuple[Tensor, Tensor, int, int]:
         """(viewmat [1, 4, 4], K [1, 3, 3], W, H) at the current training resolution, with the camera
-        optimizer's correction while training; `as_given`: the camera's own pose and full resolution."""
+        optimizer's correction while training; `as_given`: the camera's own pose and full resolution;
+        `full_resolution`: the training pose at the camera's full resolution."""
         camera = camera.to(self.device)
         refine = self.training and not as_given
         c2w = self.camera_optimizer.apply_to_camera(camera) if refine else camera.camera_to_worlds
-        scale = self._get_downscale_factor() if refine else 1
+        scale = self._get_downscale_factor() if refine and not full_resolution else 1
         camera.rescale_output_resolution(1 / scale)
         K = camera.get_intrinsics_matrices().reshape(-1, 3, 3)
         W, H = int(camera.width.item()), int(camera.height.item())
@@ -305,15 +328,16 @@ class Trace3DModel(SplatfactoModel):
         rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)  # [1, H, W, 3]
         if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
             rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
-        outputs: Dict[str, Union[Tensor, List]] = {}
-        if features is not None:
-            outputs["feature"] = features[0]  # [H, W, D]
         depth = None
         if render_mode == "RGB+ED":
             depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
         if background.shape[0] == 3 and not self.training:
             background = background.expand(H, W, 3)
-        outputs.update(rgb=rgb.squeeze(0), depth=depth, accumulation=alpha.squeeze(0), background=background)
+        outputs: Dict[str, Union[Tensor, List]] = dict(
+            rgb=rgb.squeeze(0), depth=depth, accumulation=alpha.squeeze(0), background=background
+        )
+        if features is not None:
+            outputs["feature"] = features[0]  # [H, W, D]
         return outputs
 
     # ---- losses -------------------------------------------------------------------------------
@@ -334,12 +358,20 @@ class Trace3DModel(SplatfactoModel):
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
 
+    VIEWER_FIRST = ("rgb", "feature_pca", "instance", "selection")
+    """Leading outputs of ``get_outputs_for_camera``. The viewer's output dropdown lists the keys in
+    order, opens on the first and falls back to it when the shown output disappears (e.g. `selection`
+    after "Clear selection"); the raw 16-D `feature` (a per-frame PCA in the viewer) comes last."""
+
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
-        """Splatfacto's outputs plus the viewer's `feature_pca`, `instance` and `selection` renders."""
+        """Splatfacto's outputs plus the viewer's `feature_pca`, `instance` and `selection` renders,
+        ordered as ``VIEWER_FIRST``, then the rest (depth, accumulation, background, feature)."""
         outputs = super().get_outputs_for_camera(camera, obb_box)
         outputs.update(self.viewer_controls.extra_outputs(camera.to(self.device), outputs))
-        return outputs
+        ordered = {k: outputs[k] for k in self.VIEWER_FIRST if k in outputs}
+        ordered.update((k, v) for k, v in outputs.items() if k not in ordered)
+        return ordered
 
     # ---- evaluation ---------------------------------------------------------------------------
     def get_image_metrics_and_images(self, outputs, batch):

@@ -7,6 +7,10 @@ Masks come from SAM's point prompts when a checkpoint is given, otherwise from t
 patches under the points (weights-free). Writes `selection.ply` (3DGS layout), `masks/<view>.png`
 (the mask used in each visited view), `renders/<view>.png` (the selection rendered alone on every
 training view) and `prompt.json` (prompts, visiting order, counts).
+
+Memory: each view's contributions are computed when self-prompting visits it and dropped after
+(one view's pairs at a time); training images, which nerfstudio may cache on the GPU, are copied
+to the host one at a time, only for SAM.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from collections.abc import Sequence
+from typing import Any, Dict, List, Optional, Tuple
 
 
 def _point(text: str) -> Tuple[float, float]:
@@ -24,6 +29,25 @@ def _point(text: str) -> Tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected X,Y (pixels), got {text!r}") from None
     return x, y
+
+
+class HostImages(Sequence):
+    """The datamanager's cached training images as uint8 [H, W, 3] numpy arrays, converted on access
+    (from any device: nerfstudio caches them on the GPU by default)."""
+
+    def __init__(self, cached: Sequence[Dict[str, Any]]) -> None:
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        import torch
+
+        image = self.cached[index]["image"].detach()[..., :3]
+        if image.dtype != torch.uint8:
+            image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.cpu().numpy()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +69,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     import numpy as np
-    import torch
     from PIL import Image
 
     from nerfstudio.utils.eval_utils import eval_setup
@@ -59,23 +82,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= args.view < len(cameras):
         print(f"trace3d-prompt: error: --view must be in [0, {len(cameras) - 1}]", file=sys.stderr)
         return 2
-    images = [c["image"].numpy() if c["image"].dtype == torch.uint8 else (c["image"].numpy() * 255).astype(np.uint8) for c in dm.cached_train]
     if args.sam_checkpoint is not None:
         from segment_anything import SamPredictor
 
         from trace3d_ns.data.mask_sources import SamMaskSourceConfig, build_sam_from_checkpoint
 
         sam = build_sam_from_checkpoint(SamMaskSourceConfig(model_type=args.sam_model_type, checkpoint=args.sam_checkpoint))
-        masker = SamPromptMasker(SamPredictor(sam.to(model.device)), [im[..., :3] for im in images])
+        masker = SamPromptMasker(SamPredictor(sam.to(model.device)), HostImages(dm.cached_train))
     else:
         masker = PatchPromptMasker(dm.train_patch_maps())
 
-    cache = {}
-
-    def view_contributions(v: int):
-        if v not in cache:
-            cache[v] = camera_contributions(model, cameras[v : v + 1])
-        return cache[v]
+    def view_contributions(v: int):  # every view is visited once: computed on demand, not kept
+        return camera_contributions(model, cameras[v : v + 1])
 
     try:
         result = self_prompt(

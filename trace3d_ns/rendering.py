@@ -82,8 +82,9 @@ def rasterize_with_extra(
 ) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
     """`rasterize` plus `extra_colors` composited like colour (no background): returns
     (render_colors, render_alphas, meta, extra [C, H, W, E]). The CPU backends composite them in
-    the colour pass; on CUDA gsplat renders a second pass (with detached geometry unless
-    `extra_grad_to_geometry`)."""
+    the colour pass, with the colour's pairs and weights; with gsplat see `_gsplat_with_extra`. On
+    all, the extra channels' gradients reach the geometry, and `meta["means2d"]` (densification's
+    statistics), only with `extra_grad_to_geometry`."""
     backend = resolve_backend(backend, means.device)
     if backend != "gsplat":
         from trace3d_ns.cuda.rasterization import rasterization
@@ -93,16 +94,78 @@ def rasterize_with_extra(
             extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, backend=backend, **kwargs,
         )
         return out[0], out[1], out[2], out[2].pop("extra_render")
-    render, alpha, meta = rasterize(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, backend=backend, **kwargs
+    from gsplat.cuda._wrapper import spherical_harmonics
+    from gsplat.rendering import rasterization
+
+    return _gsplat_with_extra(
+        rasterization, spherical_harmonics, means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        extra_colors, extra_grad_to_geometry, **kwargs,
     )
-    geometry = [means, quats, scales, opacities]
-    if not extra_grad_to_geometry:
-        geometry = [t.detach() for t in geometry]
-    extra_kwargs = {k: v for k, v in kwargs.items() if k in ("near_plane", "far_plane", "rasterize_mode", "eps2d")}
-    extra, _, _ = rasterize(
-        *geometry, extra_colors, viewmats, Ks, width, height, packed=False, backend=backend, **extra_kwargs
+
+
+GSPLAT_CHANNEL_CHUNK = 32
+"""gsplat's default `channel_chunk` (channels rendered per kernel call)."""
+
+
+def _gsplat_with_extra(
+    rasterization: Callable[..., Tuple[Tensor, Tensor, Dict[str, Any]]],
+    spherical_harmonics: Callable[..., Tensor],
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [(C,) N, D] or [(C,) N, K, 3] with sh_degree
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    extra_colors: Tensor,  # [N, E]
+    extra_grad_to_geometry: bool,
+    **kwargs: Any,
+) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
+    """The CUDA branch of `rasterize_with_extra`, for any `rasterization` with gsplat's signature
+    (gsplat's; tests pass the torch backend's) and its `spherical_harmonics`.
+
+    - `extra_grad_to_geometry`: one pass whose colours are [colour | extra] (SH evaluated here as
+      gsplat does), so the extra channels' gradients flow into the same `meta["means2d"]` that
+      densification reads, as on the torch backend (a second pass has its own means2d, which no
+      strategy sees). All channels go in one kernel call: gsplat keeps only the last chunk's absgrad.
+    - otherwise: a second pass on detached geometry (nothing of the extras reaches the geometry).
+    """
+    render_mode = kwargs.get("render_mode", "RGB")
+    if not extra_grad_to_geometry or render_mode not in ("RGB", "RGB+D", "RGB+ED"):
+        render, alpha, meta = rasterization(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs
+        )
+        geometry = [means, quats, scales, opacities]
+        if not extra_grad_to_geometry:
+            geometry = [t.detach() for t in geometry]
+        extra_kwargs = {k: v for k, v in kwargs.items() if k in ("near_plane", "far_plane", "rasterize_mode", "eps2d")}
+        extra, _, _ = rasterization(*geometry, extra_colors, viewmats, Ks, width, height, packed=False, **extra_kwargs)
+        return render, alpha, meta, extra
+
+    C = viewmats.shape[0]
+    sh_degree = kwargs.pop("sh_degree", None)
+    if sh_degree is None:
+        base = colors.expand(C, -1, -1) if colors.dim() == 2 else colors  # [C, N, D]
+    else:
+        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+        shs = colors.expand(C, -1, -1, -1) if colors.dim() == 3 else colors  # [C, N, K, 3]
+        base = torch.clamp_min(spherical_harmonics(sh_degree, means[None] - campos[:, None], shs) + 0.5, 0.0)
+    D, E = base.shape[-1], extra_colors.shape[-1]
+    both = torch.cat([base, extra_colors.expand(C, -1, -1)], dim=-1)  # [C, N, D + E]
+    backgrounds = kwargs.pop("backgrounds", None)
+    if backgrounds is not None:  # [C, D]: the extra channels get none
+        backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, E)], dim=-1)
+    channels = D + E + (1 if render_mode != "RGB" else 0)
+    if channels > kwargs.get("channel_chunk", GSPLAT_CHANNEL_CHUNK):
+        kwargs["channel_chunk"] = channels
+    render, alpha, meta = rasterization(
+        means, quats, scales, opacities, both, viewmats, Ks, width, height, sh_degree=None, backgrounds=backgrounds,
+        **kwargs,
     )
+    extra = render[..., D : D + E]  # [C, H, W, E]
+    render = torch.cat([render[..., :D], render[..., D + E :]], dim=-1)  # [C, H, W, D (+ 1)]
     return render, alpha, meta, extra
 
 

@@ -112,11 +112,15 @@ def subset_share(contrib: Contributions, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def render_subset_alpha(model, camera, mask: Tensor) -> Tensor:
-    """Accumulated alpha of the selected Gaussians rendered alone, full resolution. [H, W]"""
+    """Accumulated alpha of the selected Gaussians rendered alone, full resolution, in the model's
+    rasterize mode (antialiased runs scale opacities by their compensation). [H, W]"""
     viewmat, K, W, H = full_resolution_matrices(model, camera)
     if not mask.any():
         return torch.zeros(H, W, device=model.device)
     g = model.activated_gaussians(mask)
     ones = torch.ones(g["means"].shape[0], 1, device=model.device)
-    _, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], ones, viewmat, K, W, H)
+    _, alpha, _ = rasterize(
+        g["means"], g["quats"], g["scales"], g["opacities"], ones, viewmat, K, W, H,
+        rasterize_mode=model.config.rasterize_mode,
+    )
     return alpha[0, ..., 0]

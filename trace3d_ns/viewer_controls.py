@@ -252,6 +252,15 @@ class InstanceViewerControls(torch.nn.Module):
         return self.viewer_control.get_camera(CLICK_IMAGE_HEIGHT, round(CLICK_IMAGE_HEIGHT * aspect))
 
     # ---- outputs ------------------------------------------------------------------------------
+    def displayed(self, output: str) -> bool:
+        """Whether the viewer shows `output` (as the output type, or the split one when split is on);
+        True without a viewer (headless callers get every output)."""
+        viewer = getattr(self.viewer_control, "viewer", None)
+        if viewer is None:
+            return True
+        panel = viewer.control_panel
+        return output == panel.output_render or (bool(panel.split) and output == panel.split_output_render)
+
     @torch.no_grad()
     def extra_outputs(self, camera: Cameras, outputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Viewer outputs for `camera`, at the resolution of `outputs["rgb"]`; only those computable.
@@ -260,6 +269,9 @@ class InstanceViewerControls(torch.nn.Module):
           once, lazily, on the per-Gaussian features; refit with the button), when features render.
         - `instance` [H, W, 3] float: the palette colour of the label of each pixel's
           highest-weight Gaussian (black: none), when `model.instance_labels` covers every Gaussian.
+          In the viewer it is computed (a contribution pass) only while it is the displayed output
+          (or the split one); otherwise the key holds a black placeholder, so the dropdown still
+          offers it.
         - `selection` [H, W, 3] float: `outputs["rgb"]` dimmed, the selected object tinted, when
           something is selected (otherwise nothing is computed).
         """
@@ -270,7 +282,11 @@ class InstanceViewerControls(torch.nn.Module):
                 self.on_pca_refit()
             extra["feature_pca"] = model.feature_pca.project(outputs["feature"])
         if 0 < model.instance_labels.numel() == model.num_points:
-            extra["instance"] = colorize_ids(top_instance_ids(model, camera))
+            if self.displayed("instance"):
+                extra["instance"] = colorize_ids(top_instance_ids(model, camera))
+            else:
+                height, width = outputs["rgb"].shape[:2]
+                extra["instance"] = outputs["rgb"].new_zeros(1, 1, 3).expand(height, width, 3)
         mask = self.selection()
         if mask is not None and mask.any():
             extra["selection"] = highlight(outputs["rgb"], render_subset_alpha(model, camera, mask))

@@ -31,6 +31,9 @@ Definitions (all pixels are at the camera's full resolution; masks are boolean [
   TP/(TP+FP+FN) and mAcc = (TP+TN)/pixels per test view, averaged over the test views. With
   instance ground truth the foreground is every object (id > 0) and the selection is the union of
   the objects' selections.
+
+Memory: the selections are made first; then each test view's contributions are computed once,
+used for every selection's visible silhouette on that view, and dropped (one view's pairs at a time).
 """
 
 from __future__ import annotations
@@ -46,8 +49,7 @@ from torch import Tensor
 
 from trace3d_ns.evaluation.ground_truth import View
 from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
-from trace3d_ns.rendering import rasterize
-from trace3d_ns.rendering import Contributions
+from trace3d_ns.rendering import Contributions, rasterize
 from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
     SelectionMode,
@@ -219,42 +221,50 @@ def _selection_record(sel: Selected, train: Sequence[View]) -> Dict:
     }
 
 
-def scene_contributions(model, views: Sequence[View]) -> Dict[str, Contributions]:
-    """Each view's whole-scene contributions (for visible silhouettes), by view name."""
-    return {v.name: camera_contributions(model, v.camera) for v in views}
+def object_view_scores(
+    model, mask: Tensor, view: View, gt: np.ndarray, scene: Contributions
+) -> Dict[str, Optional[float]]:
+    """IoU of the alone and the visible silhouette of the selection `mask` with `gt` [H, W] on one test
+    view, and the padded-box PSNR of its RGB rendered alone; `scene` is the view's contributions."""
+    alone = silhouette(model, view.camera, mask)
+    visible = visible_silhouette(scene, mask)
+    rgb = render_subset_rgb(model, view.camera, mask)
+    psnr = box_psnr(rgb, view.image, gt, pad=BOX_PAD, background=BACKGROUND)
+    return {
+        "iou": mask_iou(alone, gt),
+        "iou_visible": mask_iou(visible, gt),
+        "psnr": psnr if math.isfinite(psnr) else None,
+    }
 
 
-def evaluate_object(
-    model, sel: Selected, object_id: int, test: Sequence[View], scenes: Dict[str, Contributions]
-) -> Dict[str, Dict[str, float]]:
-    """Silhouette IoUs (alone, visible) and padded-box PSNR of one selection on each test view
-    showing `object_id`; `scenes` from `scene_contributions`."""
-    per_view = {}
-    for view in test:
-        gt = view.gt == object_id  # [H, W]
-        if not gt.any():
-            continue
-        alone = silhouette(model, view.camera, sel.mask)
-        visible = visible_silhouette(scenes[view.name], sel.mask)
-        rgb = render_subset_rgb(model, view.camera, sel.mask)
-        psnr = box_psnr(rgb, view.image, gt, pad=BOX_PAD, background=BACKGROUND)
-        per_view[view.name] = {
-            "iou": mask_iou(alone, gt),
-            "iou_visible": mask_iou(visible, gt),
-            "psnr": psnr if math.isfinite(psnr) else None,
-        }
-    return per_view
-
-
-def evaluate_foreground(selection: Tensor, test: Sequence[View], scenes: Dict[str, Contributions]) -> Dict:
-    """NVOS mIoU / mAcc of the selection's visible silhouettes against GT foreground (label > 0)."""
-    preds = [visible_silhouette(scenes[v.name], selection) for v in test]
-    scores = nvos_metrics(preds, [v.gt > 0 for v in test])
+def foreground_scores(preds: Sequence[np.ndarray], test: Sequence[View]) -> Dict:
+    """NVOS mIoU / mAcc of visible silhouettes `preds` (one per test view) against GT foreground (label > 0)."""
+    scores = nvos_metrics(list(preds), [v.gt > 0 for v in test])
     return {
         "miou": scores["miou"],
         "macc": scores["macc"],
         "per_view": {v.name: {"iou": float(i), "acc": float(a)} for v, i, a in zip(test, scores["iou"], scores["acc"])},
     }
+
+
+def score_test_views(
+    model, selections: Dict[int, Tensor], foreground: Tensor, test: Sequence[View]
+) -> tuple[Dict[int, Dict[str, Dict]], List[np.ndarray]]:
+    """Per test view (its contributions computed once, then dropped: one view's pairs at a time),
+    the scores of every selection ``selections[object id]`` [N] bool on the views showing that
+    object, and the visible silhouette of ``foreground`` [N] bool. Returns ({object id: {view name:
+    scores}}, foreground silhouettes in test order)."""
+    per_object: Dict[int, Dict[str, Dict]] = {oid: {} for oid in selections}
+    preds: List[np.ndarray] = []
+    for view in test:
+        scene = camera_contributions(model, view.camera)
+        for oid, mask in selections.items():
+            gt = view.gt == oid  # [H, W]
+            if gt.any():
+                per_object[oid][view.name] = object_view_scores(model, mask, view, gt, scene)
+        preds.append(visible_silhouette(scene, foreground))
+        del scene
+    return per_object, preds
 
 
 def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bool, settings: Settings) -> Dict:
@@ -278,16 +288,18 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
 
     result: Dict = {"mode": resolved, "threshold": settings.threshold, "num_gaussians": model.num_points}
     result["test_views"] = [v.name for v in test]
-    scenes = scene_contributions(model, test)
     if has_objects:
         ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0})
         union = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
-        objects = {}
+        selections: Dict[int, Selected] = {}
         for object_id in ids:
             masks = [v.gt == object_id for v in train]
-            sel = select(model, train, ref(masks), masks, 1, settings)
-            union |= sel.mask
-            per_view = evaluate_object(model, sel, object_id, test, scenes)
+            selections[object_id] = select(model, train, ref(masks), masks, 1, settings)
+            union |= selections[object_id].mask
+        per_object, preds = score_test_views(model, {k: s.mask for k, s in selections.items()}, union, test)
+        objects = {}
+        for object_id, sel in selections.items():
+            per_view = per_object[object_id]
             objects[str(object_id)] = {
                 **_selection_record(sel, train),
                 "views": per_view,
@@ -308,12 +320,10 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
             "miou": result["object_extraction"]["mean_iou_visible"],
             "num_objects": len(scored),
         }
-        result["foreground"] = {
-            "selection": "union of the object selections",
-            **evaluate_foreground(union, test, scenes),
-        }
+        result["foreground"] = {"selection": "union of the object selections", **foreground_scores(preds, test)}
     else:
         masks = [v.gt > 0 for v in train]
         sel = select(model, train, ref(masks), masks, settings.points, settings)
-        result["foreground"] = {**_selection_record(sel, train), **evaluate_foreground(sel.mask, test, scenes)}
+        _, preds = score_test_views(model, {}, sel.mask, test)
+        result["foreground"] = {**_selection_record(sel, train), **foreground_scores(preds, test)}
     return result

@@ -12,6 +12,10 @@ Instance Tracing does with patch labels, gives each Gaussian the feature it actu
 
 with w_gu = alpha * T from ``contributions``. Gaussians no view renders keep their own feature.
 Selection compares fbar_g with a clicked pixel's F(u) by cosine similarity.
+
+Views are processed one at a time and each view's pairs in chunks of ``pair_chunk``: besides the
+[N, D] and [H*W, D] accumulators, the temporaries are [pair_chunk, D], not [pairs, D] (a megapixel
+view has tens of millions of pairs).
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ def spread_views(num_views: int, max_views: int) -> Tensor:
     return torch.linspace(0, num_views - 1, max_views).round().long().unique()
 
 
+PAIR_CHUNK = 1 << 18
+"""Pairs per chunk: each chunk's temporaries are 2 x [PAIR_CHUNK, D] float32 (32 MB at D = 16)."""
+
+
 @torch.no_grad()
-def backproject_features(model, cameras, max_views: int = 64) -> Tensor:
+def backproject_features(model, cameras, max_views: int = 64, pair_chunk: int = PAIR_CHUNK) -> Tensor:
     """fbar [N, D] of the model's Gaussians over ``cameras`` (at most ``max_views`` of them, spread evenly)."""
     features = model.gauss_params["features"].detach()  # [N, D]
     n, d = features.shape
@@ -38,12 +46,23 @@ def backproject_features(model, cameras, max_views: int = 64) -> Tensor:
     den = torch.zeros(n, device=features.device)
     for i in spread_views(len(cameras), max_views).tolist():
         c = camera_contributions(model, cameras[i : i + 1])
-        g, p, w = c.gaussian_ids, c.pixel_ids, c.weights  # [P]
         pixels = c.width * c.height
-        rendered = torch.zeros(pixels, d, device=w.device).index_add_(0, p, w[:, None] * features[g])  # [HW, D]
-        alpha = torch.zeros(pixels, device=w.device).index_add_(0, p, w)  # [HW]
-        rendered = rendered / alpha.clamp(min=1e-6)[:, None]
-        num.index_add_(0, g, w[:, None] * rendered[p])
-        den.index_add_(0, g, w)
+        rendered = torch.zeros(pixels, d, device=c.weights.device)  # [HW, D]
+        alpha = torch.zeros(pixels, device=c.weights.device)  # [HW]
+        for g, p, w in _chunks(c, pair_chunk):  # [k] each
+            rendered.index_add_(0, p, w[:, None] * features[g])
+            alpha.index_add_(0, p, w)
+        rendered /= alpha.clamp(min=1e-6)[:, None]
+        for g, p, w in _chunks(c, pair_chunk):
+            num.index_add_(0, g, w[:, None] * rendered[p])
+            den.index_add_(0, g, w)
+        del c, rendered, alpha
     seen = den > 0
     return torch.where(seen[:, None], num / den.clamp(min=1e-12)[:, None], features)
+
+
+def _chunks(c, size: int):
+    """(gaussian_ids, pixel_ids, weights) of consecutive slices of ``size`` pairs (views, no copies)."""
+    size = max(int(size), 1)
+    for start in range(0, len(c), size):
+        yield c.gaussian_ids[start : start + size], c.pixel_ids[start : start + size], c.weights[start : start + size]

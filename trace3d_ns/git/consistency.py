@@ -143,16 +143,16 @@ def evaluate_scene(
     result = consistent_instances(traces, patch_maps, merge_config)
     merge_s = time.perf_counter() - start
     merged_ids = consistent_instances(traces, patch_maps, replace(merge_config, patch_ids="merged")).maps
-    rendered, ceiling, contribs = [], [], []
-    for v in views:
+    rendered, ceiling = [], []
+    for v in views:  # one view's pairs at a time
         contrib = view_contributions(v)
-        contribs.append(contrib)
         rendered.append(render_label_map(contrib, result.gaussian_labels))
         ceiling.append(render_label_map(contrib, scene.instance_ids))
     training = result.maps
     if merge_config.refine:
         training = refine_maps(
-            result, patch_maps, contribs.__getitem__, merge_config.refine_min_purity, merge_config.refine_fill_unmasked
+            result, patch_maps, lambda i: view_contributions(views[i]), merge_config.refine_min_purity,
+            merge_config.refine_fill_unmasked,
         )
 
     raw = consistency_scores(raw_patch_ids(patch_maps), gt_maps)

@@ -347,7 +347,7 @@ class _TraceArrays:
 
         self.obs_gaussian = traces.obs_gaussian().cpu().numpy()  # [O]
         self.obs_view = traces.obs_view.cpu().numpy().astype(np.int64)  # [O]
-        self.obs_weight = traces.obs_weight.cpu().numpy().astype(np.float32)  # [O]
+        self.obs_weight = traces.obs_weight.float().cpu().numpy()  # [O]
         self.seen = self.obs_weight >= config.min_weight  # [O]
         top = traces.argmax().cpu().numpy()  # [O]
         self.informative = self.seen & (top > 0)  # [O]

@@ -12,20 +12,30 @@ like any other patch. ``mode="count"`` adds 1 per pixel instead of ``alpha * T``
 authors' release does by default), for comparison.
 
 Storage is sparse (:class:`InstanceTraces`): one *observation* per (Gaussian, view) with a
-total weight >= ``min_weight``, holding that total (float16) and its top-k patches (patch id, prob
-quantised to uint8, prob >= ``min_prob``; the top-1 is always kept). The mass of the dropped
+total weight >= ``min_weight``, holding that total (bfloat16: 2 bytes like float16, but float32's range,
+so a Gaussian drawing more than 65504 in one view, e.g. a large one at megapixel size, stays finite;
+relative rounding <= 2^-8) and its top-k patches (patch id, prob quantised to uint8,
+prob >= ``min_prob``; the top-1 is always kept). The mass of the dropped
 patches is implicit: ``1 - sum(kept probs)``. Observations are sorted by (Gaussian, view) in CSR
 form (offsets per Gaussian) and hold their most probable patch inline; the other kept patches
 (rare: most Gaussians lie inside one patch) are a separate list of extra entries sorted by
 observation. View and patch ids use the smallest integer type that holds them (uint8 up to 256
 views / patches per view), so an observation costs 5 bytes and an extra entry 6. Memory grows with
 the number of observations, never with Gaussians x patches x views.
+
+Building the store streams: :class:`TraceAccumulator` keeps each traced view packed (the 4 bytes
+the store keeps per observation, extras as in the store, and the view's Gaussians as int32 ids or
+a bit mask over all Gaussians, whichever is smaller), and ``build`` places the observations with
+a counting sort on the Gaussian (each view's observations are already sorted by Gaussian, so
+visiting views in order gives (Gaussian, view) order), releasing each view as it is placed:
+tracing holds one view's pairs plus the packed views (about the store's size), building about
+twice the store.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Iterable, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +44,8 @@ from trace3d_ns.rendering import Contributions
 
 PROB_SCALE = 255.0
 """Probabilities are stored as uint8 ``round(prob * PROB_SCALE)``."""
+WEIGHT_DTYPE = torch.bfloat16
+"""dtype of the stored per-(Gaussian, view) total weights: float16 overflows to inf above 65504."""
 
 
 @dataclass
@@ -134,7 +146,7 @@ class InstanceTraces:
     num_patches: Tensor  # [L] int64: patch ids of view v lie in [0, num_patches[v])
     offsets: Tensor  # [N + 1] int64 CSR over observations, sorted by (Gaussian, view)
     obs_view: Tensor  # [O] uint8 (int16 beyond 256 views)
-    obs_weight: Tensor  # [O] float16 total weight (alpha * T, or pixels in count mode)
+    obs_weight: Tensor  # [O] bfloat16 total weight (alpha * T, or pixels in count mode)
     obs_patch: Tensor  # [O] uint8 most probable patch (int16 / int32 when a view has more patches)
     obs_prob: Tensor  # [O] uint8 its round(prob * 255)
     extra_obs: Tensor  # [X] int32 observation of each extra entry, ascending
@@ -182,7 +194,7 @@ class InstanceTraces:
             num_patches=num_patches,
             offsets=offsets,
             obs_view=obs_view.to(_id_dtype(num_patches.numel() - 1)),
-            obs_weight=obs_weight.to(torch.float16),
+            obs_weight=obs_weight.to(WEIGHT_DTYPE),
             obs_patch=entry_patch[first].to(dtype),
             obs_prob=q[first],
             extra_obs=entry_obs[~first].to(torch.int32),
@@ -336,64 +348,162 @@ class InstanceTraces:
         return replace(self, **{n: getattr(self, n).to(device) for n in self._tensors()})
 
 
+@dataclass
+class _PackedView:
+    """One traced view as the accumulator keeps it: what the store keeps per observation, plus its
+    Gaussians (the store implies them by position) as int32 ids or, when that is smaller (a view
+    seeing more than 1/32 of the Gaussians), as a bit mask over all Gaussians."""
+
+    gaussian: Tensor  # [O] int32 ascending ids, or [ceil(N / 8)] uint8 bit mask (bit g % 8 of byte g // 8)
+    bitmask: bool
+    weight: Tensor  # [O] WEIGHT_DTYPE total weight
+    patch: Tensor  # [O] most probable patch (smallest id dtype of the view)
+    prob: Tensor  # [O] uint8 its quantised probability
+    extra_obs: Tensor  # [X] int32 observation (in this view) of each other kept patch, ascending
+    extra_patch: Tensor  # [X]
+    extra_prob: Tensor  # [X] uint8, descending within an observation
+
+    def ids(self) -> Tensor:
+        """The view's Gaussians, ascending. [O] int64"""
+        if not self.bitmask:
+            return self.gaussian.long()
+        bits = (self.gaussian[:, None] >> torch.arange(8, dtype=torch.uint8, device=self.gaussian.device)) & 1
+        return torch.nonzero(bits.reshape(-1)).squeeze(1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
+
+
+def _pack(trace: ViewTrace, num_labels: int, num_gaussians: int) -> _PackedView:
+    """Quantise a :class:`ViewTrace` (probabilities to uint8, ids to the smallest dtypes)."""
+    device = trace.gaussian.device
+    obs = torch.repeat_interleave(torch.arange(trace.gaussian.numel(), device=device), trace.count)  # [E]
+    first = torch.ones_like(obs, dtype=torch.bool)
+    first[1:] = obs[1:] != obs[:-1]
+    dtype = _id_dtype(num_labels - 1)
+    q = torch.round(trace.prob * PROB_SCALE).clamp(1, int(PROB_SCALE)).to(torch.uint8)  # [E]
+    num_bytes = (num_gaussians + 7) // 8
+    bitmask = 4 * trace.gaussian.numel() > num_bytes
+    if bitmask:
+        flags = torch.zeros(num_bytes * 8, dtype=torch.uint8, device=device)
+        flags[trace.gaussian] = 1
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+        gaussian = (flags.reshape(num_bytes, 8) * weights).sum(dim=1, dtype=torch.uint8)  # [ceil(N / 8)]
+    else:
+        gaussian = trace.gaussian.to(torch.int32)
+    return _PackedView(
+        gaussian=gaussian,
+        bitmask=bitmask,
+        weight=trace.weight.to(WEIGHT_DTYPE),
+        patch=trace.patch[first].to(dtype),
+        prob=q[first],
+        extra_obs=obs[~first].to(torch.int32),
+        extra_patch=trace.patch[~first].to(dtype),
+        extra_prob=q[~first],
+    )
+
+
 class TraceAccumulator:
-    """Collects :class:`ViewTrace` s view by view, then sorts them into one :class:`InstanceTraces`."""
+    """Collects traced views (packed, see the module docstring), then builds one :class:`InstanceTraces`."""
 
     def __init__(self, num_gaussians: int, num_views: int, config: Optional[TraceConfig] = None) -> None:
         self.num_gaussians = num_gaussians
         self.num_patches = [1] * num_views
         self.config = config or TraceConfig()
-        self._views: List[Tuple[int, ViewTrace]] = []
+        self._views: dict[int, _PackedView] = {}
+        self._per_gaussian: Optional[Tensor] = None  # [N] int32 observations of each Gaussian so far
 
     def add_view(self, view: int, contrib: Contributions, patch_map: Tensor) -> ViewTrace:
-        """Trace one view; ``patch_map`` [H, W] must have the contributions' resolution."""
+        """Trace one view; ``patch_map`` [H, W] must have the contributions' resolution. Tracing a
+        view again replaces its earlier trace."""
         if tuple(patch_map.shape) != (contrib.height, contrib.width):
             raise ValueError(f"patch map {tuple(patch_map.shape)} != render size {(contrib.height, contrib.width)}")
         flat = patch_map.reshape(-1).to(contrib.pixel_ids.device).long()  # [H*W]
         num_labels = int(flat.max()) + 1 if flat.numel() else 1
         trace = trace_view(contrib.gaussian_ids, flat[contrib.pixel_ids], contrib.weights, num_labels, self.config)
-        return self._add(view, trace, num_labels)
+        self.add_trace(view, trace, num_labels)
+        return trace
 
     def add_view_sums(self, view: int, gaussian: Tensor, patch: Tensor, weight: Tensor, num_labels: int) -> ViewTrace:
         """Trace one view from its per-(Gaussian, patch) weight sums (``rendering.patch_weights``;
         weight mode only) over a patch map with ``num_labels`` ids."""
         if self.config.mode != "weight":
             raise ValueError("per-patch sums carry alpha * T weights: count mode needs the pairs (add_view)")
-        return self._add(view, trace_sums(gaussian, patch, weight, self.config), num_labels)
-
-    def _add(self, view: int, trace: ViewTrace, num_labels: int) -> ViewTrace:
-        self.num_patches[view] = num_labels
-        self._views.append((view, trace))
+        trace = trace_sums(gaussian, patch, weight, self.config)
+        self.add_trace(view, trace, num_labels)
         return trace
 
+    def add_trace(self, view: int, trace: ViewTrace, num_labels: int) -> None:
+        """Keep an already traced view (patch ids in ``[0, num_labels)``), replacing an earlier one."""
+        if not 0 <= view < len(self.num_patches):
+            raise ValueError(f"view {view} is outside [0, {len(self.num_patches)})")
+        packed = _pack(trace, num_labels, self.num_gaussians)
+        if self._per_gaussian is None:
+            self._per_gaussian = torch.zeros(self.num_gaussians, dtype=torch.int32, device=trace.gaussian.device)
+        old = self._views.pop(view, None)
+        if old is not None:
+            self._per_gaussian[old.ids()] -= 1
+        self._per_gaussian[trace.gaussian] += 1  # each Gaussian at most once per view
+        self.num_patches[view] = num_labels
+        self._views[view] = packed
+
+    def nbytes(self) -> int:
+        """Bytes held by the packed views."""
+        return sum(p.nbytes() for p in self._views.values())
+
     def build(self) -> InstanceTraces:
-        """Merge the views into the CSR store, observations sorted by (Gaussian, view)."""
-        device = self._views[0][1].gaussian.device if self._views else torch.device("cpu")
-        num_views = len(self.num_patches)
-        if self._views:
-            gaussian = torch.cat([t.gaussian for _, t in self._views])  # [O]
-            view = torch.cat([torch.full_like(t.gaussian, v) for v, t in self._views])  # [O]
-            weight = torch.cat([t.weight for _, t in self._views])
-            count = torch.cat([t.count for _, t in self._views])
-            patch = torch.cat([t.patch for _, t in self._views])  # [E]
-            prob = torch.cat([t.prob for _, t in self._views])
+        """The CSR store, observations sorted by (Gaussian, view). Consumes the accumulated views
+        (each is released once placed); the accumulator is empty afterwards."""
+        views = sorted(self._views)
+        device = self._views[views[0]].weight.device if views else torch.device("cpu")
+        per_gaussian = self._per_gaussian if self._per_gaussian is not None else torch.zeros(
+            self.num_gaussians, dtype=torch.int32, device=device
+        )
+        offsets = torch.cumsum(per_gaussian, 0, dtype=torch.long)
+        offsets = torch.cat([offsets.new_zeros(1), offsets])  # [N + 1]
+        self._per_gaussian = None
+        num_obs = int(offsets[-1])
+        num_patches = torch.tensor(self.num_patches, device=device)
+        patch_dtype = _id_dtype(int(num_patches.max()) - 1 if num_patches.numel() else 0)
+        obs_view = torch.empty(num_obs, dtype=_id_dtype(len(self.num_patches) - 1), device=device)
+        obs_weight = torch.empty(num_obs, dtype=WEIGHT_DTYPE, device=device)
+        obs_patch = torch.empty(num_obs, dtype=patch_dtype, device=device)
+        obs_prob = torch.empty(num_obs, dtype=torch.uint8, device=device)
+        cursor = offsets[:-1].clone()  # [N] next free observation of each Gaussian
+        extra_obs, extra_patch, extra_prob = [], [], []
+        for v in views:  # ascending views: each Gaussian's observations come out in view order
+            p = self._views.pop(v)
+            g = p.ids()  # [O_v] ascending, each Gaussian at most once
+            pos = cursor[g]  # [O_v]
+            cursor[g] += 1
+            obs_view[pos] = v
+            obs_weight[pos] = p.weight
+            obs_patch[pos] = p.patch.to(patch_dtype)
+            obs_prob[pos] = p.prob
+            extra_obs.append(pos[p.extra_obs.long()].to(torch.int32))
+            extra_patch.append(p.extra_patch.to(patch_dtype))
+            extra_prob.append(p.extra_prob)
+            del p, g, pos
+        if extra_obs:
+            xo, xp, xq = torch.cat(extra_obs), torch.cat(extra_patch), torch.cat(extra_prob)
+            order = torch.argsort(xo, stable=True)  # by observation; stable keeps descending probs
+            xo, xp, xq = xo[order], xp[order], xq[order]
         else:
-            gaussian = view = count = patch = torch.zeros(0, dtype=torch.long)
-            weight = prob = torch.zeros(0)
-        order = torch.argsort(gaussian * num_views + view)  # [O] keys are unique
-        entries = _segment_indices(_exclusive_cumsum(count)[order], count[order])  # [E] in the new order
-        entry_obs = torch.repeat_interleave(torch.arange(order.numel(), device=device), count[order])
-        per_gaussian = torch.bincount(gaussian, minlength=self.num_gaussians)  # [N]
-        return InstanceTraces.from_entries(
-            self.num_gaussians,
-            torch.tensor(self.num_patches, device=device),
-            torch.cat([gaussian.new_zeros(1), torch.cumsum(per_gaussian, 0)]),
-            view[order],
-            weight[order],
-            entry_obs,
-            patch[entries],
-            torch.round(prob[entries] * PROB_SCALE).clamp(min=1).long(),
-            self.config,
+            xo = torch.zeros(0, dtype=torch.int32, device=device)
+            xp = torch.zeros(0, dtype=patch_dtype, device=device)
+            xq = torch.zeros(0, dtype=torch.uint8, device=device)
+        return InstanceTraces(
+            num_gaussians=self.num_gaussians,
+            num_patches=num_patches,
+            offsets=offsets,
+            obs_view=obs_view,
+            obs_weight=obs_weight,
+            obs_patch=obs_patch,
+            obs_prob=obs_prob,
+            extra_obs=xo,
+            extra_patch=xp,
+            extra_prob=xq,
+            config=self.config,
         )
 
 
@@ -416,10 +526,9 @@ def trace_model(
         views: which of the cameras to trace (default all); the store still has one slot per camera.
         progress: show a progress bar.
 
-    Each view is rendered at its *patch map's* resolution: the camera of
-    ``model.camera_matrices`` (current training resolution) has its intrinsics rescaled by
-    (patch width / render width, patch height / render height), so no patch is dropped or blurred
-    by downscaling the map.
+    Each view is rendered at its *patch map's* resolution (see :func:`view_contributions`), so no
+    patch is dropped or blurred by downscaling the map. Views are traced one at a time: memory holds
+    one view's pairs plus the packed traces (see :class:`TraceAccumulator`).
     """
     from rich.progress import track
 
@@ -445,8 +554,12 @@ def trace_model(
 @torch.no_grad()
 def view_contributions(model, cameras, index: int, size: Tuple[int, int], gaussians=None) -> Contributions:
     """Contributions of training view ``index`` rendered at ``size`` = (height, width), e.g. its patch
-    map's: the camera of ``model.camera_matrices`` has its intrinsics rescaled by (width / render
-    width, height / render height). ``gaussians``: ``model.activated_gaussians()`` if already at hand."""
+    map's. The camera is the one training renders with (the camera optimizer's pose while training),
+    at its full resolution, not the current training resolution: downscaled, K is divided by the
+    scale but the size is floored, and scaling that back up by the size ratio would shift every
+    pixel by up to about one pixel. K is rescaled by (width / camera width, height / camera height),
+    exactly 1 for a patch map at the image's resolution. ``gaussians``: ``model.activated_gaussians()``
+    if already at hand."""
     from trace3d_ns.rendering import contributions
 
     g = model.activated_gaussians() if gaussians is None else gaussians
@@ -458,8 +571,9 @@ def view_contributions(model, cameras, index: int, size: Tuple[int, int], gaussi
 
 
 def _view_camera(model, cameras, index: int, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
-    """(viewmat [4, 4], K [3, 3]) of training view ``index`` with K rescaled to ``size`` = (H, W)."""
-    viewmat, K, width, height = model.camera_matrices(cameras[index : index + 1])
+    """(viewmat [4, 4], K [3, 3]) of training view ``index`` at full resolution (see
+    ``view_contributions``), K rescaled to ``size`` = (H, W)."""
+    viewmat, K, width, height = model.camera_matrices(cameras[index : index + 1], full_resolution=True)
     ph, pw = size
     scale = torch.tensor([pw / width, ph / height, 1.0], device=K.device)[:, None]
     return viewmat[0], K[0] * scale
