@@ -28,6 +28,7 @@ def test_cpu_run_passes_every_stage(tmp_path, monkeypatch, capsys):
     assert set(report["stages"]) == STAGES
     stages = report["stages"]
     assert "gsplat comparison is skipped" in stages["backends"]["skipped"]
+    assert stages["backends"]["comparisons"]["compiled"]["ok"]  # compiled held to the torch reference
     assert stages["train"]["device"] == "cpu" and stages["train"]["fallback_warnings"] == 1  # auto -> cpu, one warning
     assert stages["train"]["density_cycles"] == 2 and stages["prompt"]["selected"] > 0
     assert stages["viewer"]["outputs"][:4] == ["rgb", "feature_pca", "instance", "selection"]

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-CPU_BACKENDS: List[str] = ["torch"]
-"""CPU backends compared with gsplat (the compiled backend joins this list)."""
+CPU_BACKENDS: List[str] = ["torch", "compiled"]
+"""CPU backends compared with gsplat (without CUDA, the first is the reference of the others)."""
 
 SH_DEGREE, FEATURE_DIM = 3, 16
 
@@ -68,18 +69,17 @@ class Backend:
 
 
 def backend(name: str) -> Backend:
-    """``"gsplat"`` (CUDA) or a name of ``CPU_BACKENDS``."""
+    """``"gsplat"`` (CUDA) or a name of ``CPU_BACKENDS``: `trace3d_ns.rendering`'s entry points
+    pinned to that backend."""
     from trace3d_ns import rendering
 
-    if name == "gsplat":
-        from gsplat.rendering import rasterization
-
-        return Backend(name, torch.device("cuda"), rasterization, rendering.rasterize_with_extra, rendering.contributions)
-    if name == "torch":
-        from trace3d_ns.cuda.rasterization import rasterization
-
-        return Backend(name, torch.device("cpu"), rasterization, rendering.rasterize_with_extra, rendering.contributions)
-    raise ValueError(f"unknown backend {name!r}; CPU backends: {CPU_BACKENDS}")
+    if name != "gsplat" and name not in CPU_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; CPU backends: {CPU_BACKENDS}")
+    device = torch.device("cuda" if name == "gsplat" else "cpu")
+    return Backend(
+        name, device, partial(rendering.rasterize, backend=name),
+        partial(rendering.rasterize_with_extra, backend=name), partial(rendering.contributions, backend=name),
+    )
 
 
 def scene(size: Size, seed: int = 0) -> Dict[str, Tensor]:
@@ -222,8 +222,10 @@ def run(cuda: bool, cpu_backends: Optional[List[str]] = None, small: bool = Fals
     else:
         reference = names[0]
         ref = computed[reference]
-        if len(names) == 1:
-            out["skipped"] = "no CUDA device: the gsplat comparison is skipped (one CPU backend, nothing to compare)"
+        out["skipped"] = (
+            f"no CUDA device: the gsplat comparison is skipped; the CPU backends are compared with {reference}"
+            if len(names) > 1 else "no CUDA device: the gsplat comparison is skipped (one CPU backend, nothing to compare)"
+        )
     out["reference"] = reference
     comparisons = {name: compare(ref, r) for name, r in computed.items() if name != reference}
     out["comparisons"] = comparisons
