@@ -1,4 +1,5 @@
-"""`trace3d-bench`: speed and memory goals as JSON (printed, and written with --out)."""
+"""`trace3d-bench`: speed and memory goals, and segmentation measurements, as JSON (printed, and
+written with --out; ``foreground`` also draws ``foreground_<scene>.png`` beside --out)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,16 @@ def _ablation(args: argparse.Namespace) -> Dict:
 def _foreground(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.foreground import run_foreground_benchmark
 
-    return run_foreground_benchmark(args.scene, args.work)
+    scene = args.scene or "dtu_scan37"
+    picture = (args.out.parent if args.out is not None else Path(".")) / f"foreground_{scene}.png"
+    return run_foreground_benchmark(scene, args.work, picture=picture)
+
+
+def _objectness(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.objectness import run_objectness_benchmark, summary
+
+    result = run_objectness_benchmark([args.scene] if args.scene else None)
+    return {"summary": summary(result), **result}
 
 
 BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
@@ -57,6 +67,7 @@ BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "foreground": _foreground,
     "raster": _raster,
     "masks": _masks,
+    "objectness": _objectness,
     "export": _export,
     "trace": _trace,
 }
@@ -71,7 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
                         help="ablation, density, foreground: working folder (finished trainings in it are reused)")
-    parser.add_argument("--scene", default="dtu_scan37", help="foreground: dtu_scan37 or lego")
+    parser.add_argument("--scene", default=None,
+                        help="foreground: dtu_scan37 (default) or lego; objectness: one of them (default: both)")
     args = parser.parse_args(argv)
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
     text = json.dumps(result, indent=2)

@@ -4,6 +4,7 @@ Modules (import them directly; this package stays import-light):
 
 - ``patches``: masks [K, H, W] -> disjoint patch map [H, W]; nearest downscaling of patch maps.
 - ``mask_sources``: the ``sam`` / ``folder`` / ``superpixel`` mask sources and their configs.
+- ``levels``: the weights-free ``levels`` mask source (one Felzenszwalb level drawn per view).
 - ``mask_cache``: the on-disk cache of per-image integer maps (patches, consistent maps, ...).
 - ``datamanager``: ``Trace3DDataManagerConfig`` / ``Trace3DDataManager`` serving ``data["patches"]``.
 - ``bench_masks``: ``run_masks_benchmark`` (compute vs cached-load timing).

@@ -6,6 +6,9 @@ Each source turns an RGB uint8 image ``[H, W, 3]`` into ``[K, H, W]`` bool masks
 - ``sam``: segment-anything's ``SamAutomaticMaskGenerator`` (needs a local checkpoint).
 - ``folder``: precomputed masks, one file per image (``.npy`` bool stacks or ``.png`` label maps).
 - ``superpixel``: weights-free multi-scale Felzenszwalb segments from scikit-image.
+- ``levels`` (:mod:`trace3d_ns.data.levels`): weights-free, one Felzenszwalb level per view, drawn
+  per view, so objects are whole in some views and split in others (the weights-free source for
+  object-level instances).
 
 The configs are plain nerfstudio-style dataclasses; heavy libraries (segment_anything, skimage)
 are imported only when masks are actually computed.
@@ -23,7 +26,7 @@ import torch
 
 from nerfstudio.configs.base_config import InstantiateConfig
 
-MaskSourceName = Literal["sam", "folder", "superpixel"]
+MaskSourceName = Literal["sam", "folder", "superpixel", "levels"]
 """Names accepted by ``Trace3DDataManagerConfig.mask_source``."""
 
 SAM_CHECKPOINT_FILES: Dict[str, str] = {
@@ -119,6 +122,10 @@ class MaskSource:
     def check_inputs(self, image_paths: Sequence[Path]) -> None:
         """Fail early, before any heavy work, if inputs for some images are missing."""
 
+    def prepare(self, image_paths: Sequence[Path]) -> None:
+        """Called with all the images to be masked before the first of them (after ``check_inputs``),
+        for sources whose masks depend on the set of images (e.g. ``levels``' stratified draw)."""
+
     def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
         """Compute masks.
 
@@ -181,8 +188,9 @@ def _missing_checkpoint_message(config: SamMaskSourceConfig) -> str:
         f"`--pipeline.datamanager.sam.checkpoint /path/to/{name}` (and "
         f"`--pipeline.datamanager.sam.model-type {config.model_type}` to match the file). "
         f"The 'folder' source (precomputed masks: `--pipeline.datamanager.mask-source folder "
-        f"--pipeline.datamanager.folder.directory DIR`) and the 'superpixel' source "
-        f"(`--pipeline.datamanager.mask-source superpixel`) work without any weights."
+        f"--pipeline.datamanager.folder.directory DIR`), the 'levels' source (`--pipeline.datamanager.mask-source "
+        f"levels`: whole objects) and the 'superpixel' source (`--pipeline.datamanager.mask-source superpixel`: "
+        f"parts) work without any weights."
     )
 
 
