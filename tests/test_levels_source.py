@@ -128,3 +128,34 @@ def test_view_scores_best_mask_patch_cohesion_and_leakage():
     s = view_scores(joined, masks_to_patches(joined), fg)
     assert s["cohesion"] == 1.0 and s["leakage"] == pytest.approx(0.5) and s["impurity"] == pytest.approx(4 / 16)
     assert s["mask_iou"] == pytest.approx(8 / 12)
+
+
+def test_objectness_benchmark_on_a_small_scene_folder(tmp_path):
+    from PIL import Image
+
+    from trace3d_ns.benchmarks.objectness import SOURCES, objectness_table, run_objectness_benchmark, summary
+
+    scene = tmp_path / "dtu_scan37"  # DTU's layout: images/ and gt_masks/ matched by number
+    (scene / "images").mkdir(parents=True)
+    (scene / "gt_masks").mkdir()
+    for i in range(3):
+        img = np.repeat(np.repeat(_scene(seed=i), 4, axis=0), 4, axis=1)  # 240x320: the scales' usual size
+        Image.fromarray(img).save(scene / "images" / f"{i:03d}.png")
+        fg = np.zeros(img.shape[:2], dtype=np.uint8)
+        fg[60:180, 60:260] = 255
+        Image.fromarray(fg).save(scene / "gt_masks" / f"{i:03d}.png")
+    result = run_objectness_benchmark(["dtu_scan37"], tmp_path)
+    r = result["scenes"]["dtu_scan37"]
+    assert r["views"] == ["000.png", "001.png", "002.png"] and r["image_hw"] == [240, 320]
+    assert set(r["sources"]) == set(SOURCES)
+    assert len(r["sources"]["levels"]["per_view"]["level"]) == 3
+    means = {name: s["mean"] for name, s in r["sources"].items()}
+    # Fine scales in every view split the object into small patches; one coarse level per view keeps it
+    # whole, or in two blocks where the noise makes their colours differ more (2 of 3 views whole, measured).
+    assert means["superpixel"]["patch_iou"] < 0.4 and means["superpixel"]["patch_whole"] == 0.0
+    assert means["levels"]["patch_iou"] > 0.7 and means["levels"]["patch_whole"] >= 2 / 3
+    assert summary(result)["dtu_scan37"]["levels"]["patch_iou"] == round(means["levels"]["patch_iou"], 3)
+    rows = objectness_table(r)
+    assert len(rows) == 2 + len(SOURCES) and rows[2 + list(SOURCES).index("levels")].startswith("| `levels` | ")
+    with pytest.raises(ValueError, match="unknown scene"):
+        run_objectness_benchmark(["fern"], tmp_path)

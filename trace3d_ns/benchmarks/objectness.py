@@ -176,12 +176,31 @@ def run_objectness_benchmark(
 
 def summary(result: Dict) -> Dict:
     """Per scene and source: the mean best-mask and best-patch IoU, the share of views with the
-    object whole in one mask / patch, mean precision, cohesion and leakage."""
-    keys = ("mask_iou", "patch_iou", "mask_whole", "patch_whole", "mask_precision", "cohesion", "leakage")
+    object whole in one mask / patch, the best mask's precision, the best patch's recall, cohesion
+    and leakage."""
+    keys = ("mask_iou", "patch_iou", "mask_whole", "patch_whole", "mask_precision", "patch_recall", "cohesion",
+            "leakage")
     return {
         scene: {name: {k: round(s["mean"][k], 3) for k in keys} for name, s in r["sources"].items()}
         for scene, r in result["scenes"].items()
     }
+
+
+def objectness_table(scene_result: Dict) -> List[str]:
+    """Markdown rows: one per source of one scene's result (``result["scenes"][scene]``)."""
+    rows = [
+        "| mask source | best patch IoU | views with the object in one patch | best mask IoU | best mask precision | "
+        "best patch recall | cohesion | leakage | patches per view |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in scene_result["sources"].items():
+        m = s["mean"]
+        rows.append(
+            f"| `{name}` | {m['patch_iou']:.3f} | {100 * m['patch_whole']:.0f}% | {m['mask_iou']:.3f} | "
+            f"{m['mask_precision']:.3f} | {m['patch_recall']:.3f} | {m['cohesion']:.3f} | {m['leakage']:.3f} | "
+            f"{m['num_patches']:.1f} |"
+        )
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

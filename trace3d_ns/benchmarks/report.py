@@ -21,6 +21,7 @@ import torch
 
 from trace3d_ns.benchmarks.ablation import VARIANTS, run_ablation
 from trace3d_ns.benchmarks.foreground import SCENES, run_foreground_benchmark
+from trace3d_ns.benchmarks.objectness import objectness_table, run_objectness_benchmark
 
 COMMAND = "bash scripts/benchmarks.sh"
 
@@ -90,6 +91,10 @@ def foreground_section(result: Dict) -> List[str]:
         "",
         *foreground_table(result),
         "",
+        *(["Without training, per view against the GT foreground (`trace3d-bench objectness`; means over "
+           f"{len(result['objectness']['views'])} views; *object in one patch*: IoU >= 0.9; *cohesion* / *leakage*: how "
+           "often two object pixels / an object and a background pixel share a patch, the views' vote for joining them):",
+           "", *objectness_table(result["objectness"]), ""] if "objectness" in result else []),
         *([f"![{result['scene']}: {picture['points']} points, test view {picture['view']}]({picture['markdown_path']})",
            "",
            f"Test view `{picture['view']}` (median IoU), {picture['points']} points; per selection mode: image, prediction, "
@@ -189,12 +194,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     foreground = {
         scene: run_foreground_benchmark(scene, work / scene, picture=results / f"foreground_{scene}.png") for scene in SCENES
     }
-    for result in foreground.values():
+    objectness = run_objectness_benchmark(list(SCENES))
+    (results / "objectness.json").write_text(json.dumps(objectness, indent=2) + "\n")
+    for scene, result in foreground.items():
         if "picture" in result:
             result["picture"]["markdown_path"] = os.path.relpath(results / result["picture"]["file"], args.out.parent)
+        result["objectness"] = objectness["scenes"][scene]
     (results / "ablation.json").write_text(json.dumps(ablation, indent=2) + "\n")
     for scene, result in foreground.items():
-        (results / f"foreground_{scene}.json").write_text(json.dumps(result, indent=2) + "\n")
+        kept = {k: v for k, v in result.items() if k != "objectness"}  # in objectness.json
+        (results / f"foreground_{scene}.json").write_text(json.dumps(kept, indent=2) + "\n")
     args.out.write_text(render(ablation, foreground, time.perf_counter() - start))
     print(f"wrote {args.out} (JSON in {results})")
     return 0
