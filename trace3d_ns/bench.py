@@ -1,5 +1,6 @@
 """`trace3d-bench`: speed and memory goals, and segmentation measurements, as JSON (printed, and
-written with --out; ``foreground`` also draws ``foreground_<scene>.png`` beside --out)."""
+written with --out; ``foreground`` also draws its picture: --out with the suffix .png, or
+``foreground_<scene>.png`` here)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _foreground(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.foreground import run_foreground_benchmark
 
     scene = args.scene or "dtu_scan37"
-    picture = (args.out.parent if args.out is not None else Path(".")) / f"foreground_{scene}.png"
+    picture = args.out.with_suffix(".png") if args.out is not None else Path(f"foreground_{scene}.png")
     return run_foreground_benchmark(scene, args.work, picture=picture)
 
 
