@@ -36,8 +36,11 @@ def test_report_tables_have_a_row_per_run_with_its_numbers():
     assert rows[2].startswith("| `no_git` | - | - | - | 0.250 | 0.350 |") and rows[2].endswith("| 1.25% |")
     assert rows[3].startswith("| `full` | yes | yes | yes | 0.750 | 0.850 |")
     assert summary(runs)["object_iou_feature"] == {"no_git": 0.25, "full": 0.75}
-    dtu = {"num_gaussians": 50, "modes": {"feature": {"miou": 0.5, "macc": 0.875, "num_selected": 7, "reference_view": "a"}}}
-    assert foreground_table(dtu)[2] == "| feature | 0.500 | 0.875 | 7 / 50 | a |"
+    dtu = {"num_gaussians": 50, "config": {"points": [3, 16]},
+           "points_3": {"feature": {"miou": 0.5, "macc": 0.875, "num_selected": 7}},
+           "points_16": {"feature": {"miou": 0.75, "macc": 0.9375, "num_selected": 9}}}
+    assert foreground_table(dtu)[0].startswith("| selection | 3 points mIoU | 3 points mAcc | 16 points mIoU |")
+    assert foreground_table(dtu)[2] == "| feature | 0.500 | 0.875 | 0.750 | 0.938 | 7 / 50 |"
 
 
 def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):

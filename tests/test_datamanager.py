@@ -155,6 +155,33 @@ def test_superpixel_source_from_config_and_cpu_cache_without_cuda(tmp_path):
     assert not (data / CACHE_DIRNAME).exists()  # use_cache=False
 
 
+def test_levels_source_from_config_deals_levels_over_the_training_images(tmp_path, monkeypatch):
+    from trace3d_ns.data.levels import LevelsMaskSource, LevelsMaskSourceConfig
+
+    data = make_scene(tmp_path / "scene")
+    prepared, levels = [], []
+    prepare, segments = LevelsMaskSource.prepare, LevelsMaskSource.segments
+
+    def spy_prepare(self, paths):
+        prepared.append([Path(p) for p in paths])
+        prepare(self, paths)
+
+    def spy_segments(self, image, level):
+        levels.append(level)
+        return segments(self, image, level)
+
+    monkeypatch.setattr(LevelsMaskSource, "prepare", spy_prepare)
+    monkeypatch.setattr(LevelsMaskSource, "segments", spy_segments)
+    cfg = LevelsMaskSourceConfig(scales=(20.0, 5000.0), reference_pixels=0, min_size=5)
+    dm = _config(data, mask_source="levels", levels=cfg, use_cache=False).setup(device="cpu", test_mode="val")
+    maps = dm.train_patch_maps()
+    assert prepared == [[Path(p) for p in dm.train_dataset.image_filenames]]  # once, with the training images
+    assert sorted(levels) == [0, 0, 1]  # 3 training images dealt out 2 : 1 (largest remainder to level 0)
+    # A coarse view's patches are its few segments; a fine view's are more.
+    counts = [int(m.max()) for m in maps]
+    assert max(counts[i] for i, lv in enumerate(levels) if lv == 0) > min(counts[i] for i, lv in enumerate(levels) if lv == 1)
+
+
 def test_folder_source_empty_masks_warn_and_train_on(tmp_path):
     data = make_scene(tmp_path / "scene")
     masks_dir = data / "masks"

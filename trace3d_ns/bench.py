@@ -1,4 +1,6 @@
-"""`trace3d-bench`: speed and memory goals as JSON (printed, and written with --out)."""
+"""`trace3d-bench`: speed and memory goals, and segmentation measurements, as JSON (printed, and
+written with --out; ``foreground`` also draws its picture: --out with the suffix .png, or
+``foreground_<scene>.png`` here)."""
 
 from __future__ import annotations
 
@@ -62,7 +64,16 @@ def _ablation(args: argparse.Namespace) -> Dict:
 def _foreground(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.foreground import run_foreground_benchmark
 
-    return run_foreground_benchmark(args.scene, args.work)
+    scene = args.scene or "dtu_scan37"
+    picture = args.out.with_suffix(".png") if args.out is not None else Path(f"foreground_{scene}.png")
+    return run_foreground_benchmark(scene, args.work, picture=picture)
+
+
+def _objectness(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.objectness import run_objectness_benchmark, summary
+
+    result = run_objectness_benchmark([args.scene] if args.scene else None)
+    return {"summary": summary(result), **result}
 
 
 BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
@@ -73,6 +84,7 @@ BENCHMARKS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "scale": _scale,
     "step": _step,
     "masks": _masks,
+    "objectness": _objectness,
     "export": _export,
     "trace": _trace,
 }
@@ -91,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="ablation, density, foreground: working folder (finished trainings in it are reused); "
                         "step: where its scene and runs go (default: a temporary folder)")
-    parser.add_argument("--scene", default="dtu_scan37", help="foreground: dtu_scan37 or lego")
+    parser.add_argument("--scene", default=None,
+                        help="foreground: dtu_scan37 (default) or lego; objectness: one of them (default: both)")
     args = parser.parse_args(argv)
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
     text = json.dumps(result, indent=2)

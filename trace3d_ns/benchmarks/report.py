@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 
 from trace3d_ns.benchmarks.ablation import VARIANTS, run_ablation
 from trace3d_ns.benchmarks.foreground import SCENES, run_foreground_benchmark
+from trace3d_ns.benchmarks.objectness import objectness_table, run_objectness_benchmark
 
 COMMAND = "bash scripts/benchmarks.sh"
 
@@ -54,10 +56,15 @@ def ablation_table(result: Dict, mode: str) -> List[str]:
 
 
 def foreground_table(result: Dict) -> List[str]:
-    rows = ["| selection | foreground mIoU | foreground mAcc | Gaussians selected | reference view |", "|---|---|---|---|---|"]
-    for mode, r in result["modes"].items():
-        rows.append(f"| {mode} | {_num(r['miou'])} | {_num(r['macc'])} | {r['num_selected']} / {result['num_gaussians']} | "
-                    f"{r['reference_view']} |")
+    """Markdown rows: one per selection mode, mIoU / mAcc for each prompt-point count."""
+    counts = result["config"]["points"]
+    modes = list(result[f"points_{counts[0]}"])
+    head = "| selection | " + " | ".join(f"{n} points mIoU | {n} points mAcc" for n in counts)
+    rows = [head + f" | Gaussians selected ({counts[0]} points) |", "|---|" + "---|---|" * len(counts) + "---|"]
+    for mode in modes:
+        runs = [result[f"points_{n}"][mode] for n in counts]
+        rows.append(f"| {mode} | " + " | ".join(f"{_num(r['miou'])} | {_num(r['macc'])}" for r in runs)
+                    + f" | {runs[0]['num_selected']} / {result['num_gaussians']} |")
     return rows
 
 
@@ -71,17 +78,28 @@ SCENE_TEXT = {
 
 def foreground_section(result: Dict) -> List[str]:
     cfg = result["config"]
+    picture = result.get("picture", {})
     return [
         f"## Foreground segmentation on {result['scene']} (NVOS metrics)",
         "",
-        f"{SCENE_TEXT.get(result['scene'], result['scene'])}. Weights-free `superpixel` masks (SAM weights cannot be",
-        f"downloaded here), {cfg['steps']} steps, GIT and feature lifting from step {cfg['git_step']}. Prompts:",
-        f"{cfg['points']} points spread over the GT foreground of one training view; the union of their selections is",
-        "scored on the test views " + ", ".join(f"`{v}`" for v in result["test_views"][:8])
-        + (" ..." if len(result["test_views"]) > 8 else "") + ".",
+        f"{SCENE_TEXT.get(result['scene'], result['scene'])}. Weights-free `{cfg.get('mask_source', 'superpixel')}` masks "
+        f"(SAM weights cannot be downloaded here), {cfg['steps']} steps, GIT and feature lifting from step {cfg['git_step']}.",
+        f"Prompts: {' and '.join(str(n) for n in cfg['points'])} points spread over the GT foreground of the training view "
+        f"`{result.get('reference_view')}` (the deepest pixel first, then the pixels farthest from the chosen ones and the "
+        "mask's boundary); the union of their selections is scored on the test views "
+        + ", ".join(f"`{v}`" for v in result["test_views"][:8]) + (" ..." if len(result["test_views"]) > 8 else "") + ".",
         "",
         *foreground_table(result),
         "",
+        *(["Without training, per view against the GT foreground (`trace3d-bench objectness`; means over "
+           f"{len(result['objectness']['views'])} views; *object in one patch*: IoU >= 0.9; *cohesion* / *leakage*: how "
+           "often two object pixels / an object and a background pixel share a patch, the views' vote for joining them):",
+           "", *objectness_table(result["objectness"]), ""] if "objectness" in result else []),
+        *([f"![{result['scene']}: {picture['points']} points, test view {picture['view']}]({picture['markdown_path']})",
+           "",
+           f"Test view `{picture['view']}` (median IoU), {picture['points']} points; per selection mode: image, prediction, "
+           "ground truth, errors (white: hit, red: missed foreground, blue: false hit).", ""]
+          if "markdown_path" in picture else []),
         "```",
         f"train: {result['commands']['train']}",
         "```",
@@ -151,10 +169,11 @@ def render(ablation: Dict, foreground: Dict[str, Dict], wall_s: float) -> str:
         "  differs: test PSNR differences of a few tenths of a dB between variants are of that order.",
         "- *Object IoU (alone)* charges a selection for the parts of its object that other objects hide in a",
         "  test view; *visible* IoU is the 2D segmentation score.",
-        "- The foreground scenes use superpixels instead of SAM. A pixel's patch is the intersection of the masks",
-        "  covering it, so where every view splits an object into parts (LEGO's bricks and studs, DTU's tools), the",
-        "  traced instances are those parts, and a point selects the part under it: the union of the 16 points'",
-        "  selections is scored, like NVOS's scribbles, not one click.",
+        "- The foreground scenes use weights-free masks instead of SAM. A pixel's patch is the intersection of the",
+        "  masks covering it, so a source that splits an object into the same parts in every view (`superpixel`)",
+        "  gives part-level instances, and a point selects the part under it. The `levels` source draws one",
+        "  Felzenszwalb level per view, so objects are whole in some views (`trace3d-bench objectness` measures",
+        "  it per view) and GIT can join their parts; 3 points are a user's few clicks, 16 NVOS-like scribbles.",
         "",
     ]
     return "\n".join(lines)
@@ -170,12 +189,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     work = args.work.resolve()
     ablation = run_ablation(work / "ablation")
-    foreground = {scene: run_foreground_benchmark(scene, work / scene) for scene in SCENES}
     results = args.json_dir
     results.mkdir(parents=True, exist_ok=True)
+    foreground = {
+        scene: run_foreground_benchmark(scene, work / scene, picture=results / f"foreground_{scene}.png") for scene in SCENES
+    }
+    objectness = run_objectness_benchmark(list(SCENES))
+    (results / "objectness.json").write_text(json.dumps(objectness, indent=2) + "\n")
+    for scene, result in foreground.items():
+        if "picture" in result:
+            result["picture"]["markdown_path"] = os.path.relpath(results / result["picture"]["file"], args.out.parent)
+        result["objectness"] = objectness["scenes"][scene]
     (results / "ablation.json").write_text(json.dumps(ablation, indent=2) + "\n")
     for scene, result in foreground.items():
-        (results / f"foreground_{scene}.json").write_text(json.dumps(result, indent=2) + "\n")
+        kept = {k: v for k, v in result.items() if k != "objectness"}  # in objectness.json
+        (results / f"foreground_{scene}.json").write_text(json.dumps(kept, indent=2) + "\n")
     args.out.write_text(render(ablation, foreground, time.perf_counter() - start))
     print(f"wrote {args.out} (JSON in {results})")
     return 0

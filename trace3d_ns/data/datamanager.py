@@ -21,6 +21,7 @@ Choosing the mask source on the command line::
         --pipeline.datamanager.sam2.checkpoint ~/ckpt/sam2.1_hiera_large.pt ...
     ns-train trace3d --pipeline.datamanager.mask-source folder \
         --pipeline.datamanager.folder.directory sam_masks ...
+    ns-train trace3d --pipeline.datamanager.mask-source levels ...
     ns-train trace3d --pipeline.datamanager.mask-source superpixel ...
 """
 
@@ -40,6 +41,7 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from trace3d_ns.device import require_device
+from trace3d_ns.data.levels import LevelsMaskSourceConfig
 from trace3d_ns.data.mask_cache import MapCache, compute_maps, stable_hash
 from trace3d_ns.data.mask_sources import (
     FolderMaskSourceConfig,
@@ -73,7 +75,9 @@ class Trace3DDataManagerConfig(FullImageDatamanagerConfig):
     mask_source: MaskSourceName = "sam"
     """Where the 2D instance masks come from: sam (needs a checkpoint, see --pipeline.datamanager.sam.*),
     sam2 (SAM 2.1: the sam2 extra and a checkpoint, see --pipeline.datamanager.sam2.*), folder
-    (precomputed, see --pipeline.datamanager.folder.*) or superpixel (weights-free)."""
+    (precomputed, see --pipeline.datamanager.folder.*), levels (weights-free, one Felzenszwalb
+    level drawn per view: whole objects in some views) or superpixel (weights-free, the same scales
+    in every view: parts)."""
     sam: SamMaskSourceConfig = field(default_factory=SamMaskSourceConfig)
     """Settings of the sam source (used when mask_source is sam)."""
     sam2: Sam2MaskSourceConfig = field(default_factory=Sam2MaskSourceConfig)
@@ -82,6 +86,8 @@ class Trace3DDataManagerConfig(FullImageDatamanagerConfig):
     """Settings of the folder source (used when mask_source is folder)."""
     superpixel: SuperpixelMaskSourceConfig = field(default_factory=SuperpixelMaskSourceConfig)
     """Settings of the superpixel source (used when mask_source is superpixel)."""
+    levels: LevelsMaskSourceConfig = field(default_factory=LevelsMaskSourceConfig)
+    """Settings of the levels source (used when mask_source is levels)."""
     min_patch_area: int = 64
     """Patches with fewer pixels than this are handled by small_patch_policy (0 disables)."""
     small_patch_policy: SmallPatchPolicy = "merge"
@@ -287,6 +293,7 @@ class Trace3DDataManager(FullImageDatamanager):
             nonlocal checked
             if not checked:
                 source.check_inputs(paths)  # fail before any heavy work, and only on a cache miss
+                source.prepare(paths)
                 checked = True
             masks = self._masks_for_cached_image(source, i, cached[i]["image"], paths[i])  # [K, H, W]
             if masks.shape[1:] != shapes[i]:
@@ -348,7 +355,7 @@ def undistort_masks_nearest(masks: np.ndarray, camera: Cameras, image_name: str 
     if camera.camera_type.item() != CameraType.PERSPECTIVE.value:
         raise MaskSourceError(
             f"Image '{image_name}': precomputed (folder) masks can only be undistorted for perspective cameras; "
-            "for fisheye cameras use the sam or superpixel source, which run on the undistorted images."
+            "for fisheye cameras use the sam, levels or superpixel source, which run on the undistorted images."
         )
     K = camera.get_intrinsics_matrices().numpy().astype(np.float64)
     d = camera.distortion_params.numpy()

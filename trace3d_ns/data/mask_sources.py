@@ -8,6 +8,9 @@ Each source turns an RGB uint8 image ``[H, W, 3]`` into ``[K, H, W]`` bool masks
   it lives in :mod:`trace3d_ns.data.sam2_source` and shares :class:`PromptGridMaskSource` with ``sam``.
 - ``folder``: precomputed masks, one file per image (``.npy`` bool stacks or ``.png`` label maps).
 - ``superpixel``: weights-free multi-scale Felzenszwalb segments from scikit-image.
+- ``levels`` (:mod:`trace3d_ns.data.levels`): weights-free, one Felzenszwalb level per view, drawn
+  per view, so objects are whole in some views and split in others (the weights-free source for
+  object-level instances).
 
 The configs are plain nerfstudio-style dataclasses; heavy libraries (segment_anything, sam2,
 skimage) are imported only when masks are actually computed.
@@ -25,7 +28,7 @@ import torch
 
 from nerfstudio.configs.base_config import InstantiateConfig
 
-MaskSourceName = Literal["sam", "sam2", "folder", "superpixel"]
+MaskSourceName = Literal["sam", "sam2", "folder", "superpixel", "levels"]
 """Names accepted by ``Trace3DDataManagerConfig.mask_source`` (each is also the name of the
 datamanager's config field holding that source's settings)."""
 
@@ -40,8 +43,9 @@ SAM_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 WEIGHTS_FREE_SOURCES = (
     "The 'folder' source (precomputed masks: `--pipeline.datamanager.mask-source folder "
-    "--pipeline.datamanager.folder.directory DIR`) and the 'superpixel' source "
-    "(`--pipeline.datamanager.mask-source superpixel`) work without any weights."
+    "--pipeline.datamanager.folder.directory DIR`), the 'levels' source (`--pipeline.datamanager.mask-source "
+    "levels`: whole objects) and the 'superpixel' source (`--pipeline.datamanager.mask-source superpixel`: "
+    "parts) work without any weights."
 )
 """The sentence every missing-weights message ends with."""
 
@@ -169,6 +173,10 @@ class MaskSource:
 
     def check_inputs(self, image_paths: Sequence[Path]) -> None:
         """Fail early, before any heavy work, if inputs for some images are missing."""
+
+    def prepare(self, image_paths: Sequence[Path]) -> None:
+        """Called with all the images to be masked before the first of them (after ``check_inputs``),
+        for sources whose masks depend on the set of images (e.g. ``levels``' stratified draw)."""
 
     def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
         """Compute masks.
