@@ -30,14 +30,15 @@ def contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Te
     m = features.shape[0]
     if m < 2:
         return features.sum() * 0.0
-    sq = (features * features).sum(dim=1)
-    dist2 = (sq[:, None] + sq[None, :] - 2.0 * features @ features.T).clamp(min=0.0)  # [M, M]
-    logits = -temperature * dist2
-    self_mask = torch.eye(m, dtype=torch.bool, device=features.device)
-    positive = (labels[:, None] == labels[None, :]) & ~self_mask  # [M, M]
+    positive = labels[:, None] == labels[None, :]  # [M, M]
+    positive.fill_diagonal_(False)
     has_positive = positive.any(dim=1)
     if not has_positive.any():
         return features.sum() * 0.0
-    log_all = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
+    sq = (features * features).sum(dim=1)  # [M]
+    # logits = -tau ||f_u - f_u'||^2 = 2 tau f_u . f_u' - tau |f_u|^2 - tau |f_u'|^2, in one addmm
+    logits = torch.addmm(-temperature * (sq[:, None] + sq[None, :]), features, features.T, alpha=2.0 * temperature)
+    logits = logits.fill_diagonal_(float("-inf"))  # [M, M] u' != u
+    log_all = torch.logsumexp(logits, dim=1)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
     return -(log_pos - log_all)[has_positive].mean()
