@@ -285,6 +285,19 @@ def test_packed_views_as_ids_or_bit_masks_build_the_same_store():
     assert torch.all(key[1:] > key[:-1])  # sorted by (Gaussian, view)
 
 
+def test_saturation_pass_in_pixel_blocks_equals_one_pass():
+    from trace3d_ns.cuda.tiles import _saturation_and_transmittance
+
+    g = torch.Generator().manual_seed(0)
+    pix = torch.sort(torch.randint(0, 50, (2000,), generator=g)).values.int()  # ~40 pairs per pixel
+    alpha = 0.5 * torch.rand(2000, generator=g)
+    t0 = 0.1 + 0.9 * torch.rand(50, generator=g)
+    whole = _saturation_and_transmittance(alpha, pix, t0, chunk=10**9)
+    blocks = _saturation_and_transmittance(alpha, pix, t0, chunk=37)  # cut mid-pixel: moved to pixel starts
+    assert torch.equal(blocks[0], whole[0]) and 0 < int(whole[0].sum()) < 2000  # some pixels saturate
+    torch.testing.assert_close(blocks[1], whole[1])
+
+
 # ---- selection: rasterize mode --------------------------------------------------------------------
 def test_subset_alpha_follows_the_antialiased_mode():
     from trace3d_ns.selection import render_subset_alpha
