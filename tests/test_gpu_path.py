@@ -506,3 +506,20 @@ def test_ns_train_with_explicit_cuda_and_no_gpu_keeps_the_clear_error(tmp_path):
     with pytest.raises(DeviceUnavailableError, match="--machine.device-type cpu"):
         trainer.setup()
 
+
+
+# ---- trace3d-bench scale ----------------------------------------------------------------------------
+def test_scale_benchmark_reports_memory_and_time_on_a_tiny_scene():
+    from trace3d_ns.benchmarks.scale import make_scene, patch_map, run_scale_benchmark
+
+    scene = make_scene(5000, 3, 48)
+    assert scene.num_gaussians == 5000 and scene.viewmats.shape == (3, 4, 4)
+    patches = patch_map(scene, 0)
+    assert patches.shape == (48, 48) and int(patches.max()) >= 10  # instances cut by the 7 x 7 grid
+    assert int(patches[0, 0]) == 0 and int(patches[24, 24]) > 0  # sky in the corner, the scene in the middle
+    result = run_scale_benchmark(num_gaussians=5000, num_views=3, size=48, threads=1)
+    assert result["store_bytes"] > 0 and result["observations"] > 0 and result["trace_s"] > 0
+    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
+    assert result["peak_over_store"] == pytest.approx(
+        (result["peak_rss_bytes"] - result["baseline_rss_bytes"]) / result["store_bytes"]
+    )
