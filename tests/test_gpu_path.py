@@ -285,6 +285,19 @@ def test_packed_views_as_ids_or_bit_masks_build_the_same_store():
     assert torch.all(key[1:] > key[:-1])  # sorted by (Gaussian, view)
 
 
+def test_saturation_pass_in_pixel_blocks_equals_one_pass():
+    from trace3d_ns.cuda.tiles import _saturation_and_transmittance
+
+    g = torch.Generator().manual_seed(0)
+    pix = torch.sort(torch.randint(0, 50, (2000,), generator=g)).values.int()  # ~40 pairs per pixel
+    alpha = 0.5 * torch.rand(2000, generator=g)
+    t0 = 0.1 + 0.9 * torch.rand(50, generator=g)
+    whole = _saturation_and_transmittance(alpha, pix, t0, chunk=10**9)
+    blocks = _saturation_and_transmittance(alpha, pix, t0, chunk=37)  # cut mid-pixel: moved to pixel starts
+    assert torch.equal(blocks[0], whole[0]) and 0 < int(whole[0].sum()) < 2000  # some pixels saturate
+    torch.testing.assert_close(blocks[1], whole[1])
+
+
 # ---- selection: rasterize mode --------------------------------------------------------------------
 def test_subset_alpha_follows_the_antialiased_mode():
     from trace3d_ns.selection import render_subset_alpha
@@ -493,3 +506,20 @@ def test_ns_train_with_explicit_cuda_and_no_gpu_keeps_the_clear_error(tmp_path):
     with pytest.raises(DeviceUnavailableError, match="--machine.device-type cpu"):
         trainer.setup()
 
+
+
+# ---- trace3d-bench scale ----------------------------------------------------------------------------
+def test_scale_benchmark_reports_memory_and_time_on_a_tiny_scene():
+    from trace3d_ns.benchmarks.scale import make_scene, patch_map, run_scale_benchmark
+
+    scene = make_scene(5000, 3, 48)
+    assert scene.num_gaussians == 5000 and scene.viewmats.shape == (3, 4, 4)
+    patches = patch_map(scene, 0)
+    assert patches.shape == (48, 48) and int(patches.max()) >= 10  # instances cut by the 7 x 7 grid
+    assert int(patches[0, 0]) == 0 and int(patches[24, 24]) > 0  # sky in the corner, the scene in the middle
+    result = run_scale_benchmark(num_gaussians=5000, num_views=3, size=48, threads=1)
+    assert result["store_bytes"] > 0 and result["observations"] > 0 and result["trace_s"] > 0
+    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
+    assert result["peak_over_store"] == pytest.approx(
+        (result["peak_rss_bytes"] - result["baseline_rss_bytes"]) / result["store_bytes"]
+    )

@@ -172,13 +172,28 @@ def _before_saturation(alpha: Tensor, pixel_ids: Tensor, initial_transmittance: 
     return _saturation_and_transmittance(alpha, pixel_ids, initial_transmittance)[0]
 
 
+SATURATION_CHUNK = 1 << 21
+"""Pairs per block of the saturation pass (blocks end at pixel boundaries): its float64 prefix
+sums cost about 50 bytes per pair, so a view's pass is done in blocks, not all at once."""
+
+
 def _saturation_and_transmittance(
-    alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None
+    alpha: Tensor, pixel_ids: Tensor, initial_transmittance: Optional[Tensor] = None, chunk: int = SATURATION_CHUNK
 ) -> tuple[Tensor, Tensor]:
     """(mask of `_before_saturation`, log T before each pair [P] float64): the same exclusive
-    prefix as `exclusive_transmittance`, so alpha * exp(log T) is the compositing weight."""
+    prefix as `exclusive_transmittance`, so alpha * exp(log T) is the compositing weight. Pairs are
+    grouped by ascending pixel; they are processed in blocks of about `chunk` pairs cut at pixel
+    boundaries (every pixel's prefix starts at its first pair, so blocks are independent)."""
     if alpha.numel() == 0:
         return torch.zeros_like(alpha, dtype=torch.bool), alpha.double()
+    if alpha.numel() > chunk:
+        cuts = torch.searchsorted(pixel_ids, pixel_ids[chunk :: chunk])  # first pair of the pixel at each cut
+        bounds = [0, *sorted(set(cuts.tolist()) - {0}), alpha.numel()]
+        parts = [
+            _saturation_and_transmittance(alpha[a:b], pixel_ids[a:b], initial_transmittance, chunk=b - a)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat([m for m, _ in parts]), torch.cat([t for _, t in parts])
     log_keep = torch.log1p(-alpha.double())  # [P]
     after = torch.cumsum(log_keep, 0)  # [P] inclusive prefix over all pairs
     before = after - log_keep  # [P] exclusive prefix
@@ -201,7 +216,7 @@ def contributing_pairs(
     width: int,
     height: int,
     tile_size: int,
-    max_candidates: int = 1 << 23,
+    max_candidates: int = 1 << 20,
     return_weights: bool = False,
 ) -> tuple[Tensor, ...]:
     """Same output as `contributing_pairs_tile_sweep`, found faster.
@@ -258,7 +273,7 @@ def contributing_pairs(
         y = t[:, 1].long() + row
         sigma, alpha = splat_alpha(t[:, 3:5], t[:, 5:8], t[:, 8], x + 0.5, y + 0.5)
         keep = (sigma >= 0) & (alpha >= ALPHA_MIN)
-        keep_rank.append(rank[keep])
+        keep_rank.append(rank[keep].int())  # depth rank < N < 2**31
         keep_pix.append((y * width + x)[keep].int())
         keep_alpha.append(alpha[keep])
         start_g = stop_g
@@ -266,9 +281,12 @@ def contributing_pairs(
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return (empty, empty, means2d.new_zeros(0)) if return_weights else (empty, empty)
     rank, pix, alpha = torch.cat(keep_rank), torch.cat(keep_pix), torch.cat(keep_alpha)
+    del keep_rank, keep_pix, keep_alpha, t, x, y, row, local, sigma, keep  # the last chunk's candidates
+    del table, lo, hi, extent, counts, ends, tile_lo, tile_hi, mean  # [G]-sized
     # candidates are in depth-rank order, so a stable sort by pixel keeps each pixel's list front to back
     pix, by_pixel = torch.sort(pix, stable=True)
     rank, alpha = rank[by_pixel], alpha[by_pixel]
+    del by_pixel
     if not return_weights:
         used = _before_saturation(alpha, pix)
         return order[rank[used]], pix[used].long()

@@ -7,9 +7,10 @@ CPU and is compared with it. Without CUDA the first CPU backend is the reference
 Per backend (``results``), on a seeded scene of random Gaussians with SH degree 3 and a 16-D
 feature field, seen by two cameras:
 
-- ``rasterize``: colour + expected depth (``RGB+ED``), alpha; gradients of a fixed random weighting
-  of them with respect to means, quats, scales, opacities, SH, and the screen-space means2d and
-  its absgrad (what densification reads);
+- ``rasterize``: colour, expected depth (``RGB+ED``; compared times alpha, as accumulated depth,
+  which stays smooth where alpha is tiny), alpha; gradients of a fixed random weighting of them with
+  respect to means, quats, scales, opacities, SH, and the screen-space means2d and its absgrad
+  (what densification reads);
 - ``rasterize_with_extra`` with ``extra_grad_to_geometry``: the features' render and the gradients
   of a loss on colour and features with respect to means2d, means and the features;
 - ``contributions`` per camera, and the GIT sums of a grid patch map (per Gaussian and patch, the
@@ -126,9 +127,11 @@ def results(b: Backend, s: Dict[str, Tensor], size: Size) -> Dict[str, Tensor]:
         dev["Ks"], W, H, sh_degree=SH_DEGREE, render_mode="RGB+ED", packed=False, absgrad=True,
     )
     meta["means2d"].retain_grad()
-    ((render * dev["w_render"]).sum() + (alpha * dev["w_alpha"]).sum()).backward()
-    out.update(render=render.detach(), alpha=alpha.detach(), means2d_grad=meta["means2d"].grad,
-               means2d_absgrad=meta["means2d"].absgrad)
+    depth = render[..., 3:] * alpha  # expected depth x alpha = accumulated depth: smooth where alpha is tiny
+    w = dev["w_render"]
+    ((render[..., :3] * w[..., :3]).sum() + (depth * w[..., 3:]).sum() + (alpha * dev["w_alpha"]).sum()).backward()
+    out.update(render=render[..., :3].detach(), depth=depth.detach(), alpha=alpha.detach(),
+               means2d_grad=meta["means2d"].grad, means2d_absgrad=meta["means2d"].absgrad)
     out.update({f"{k}_grad": v.grad for k, v in leaves.items()})
 
     leaves = {k: dev[k].clone().requires_grad_(True) for k in ("means", "quats", "scales", "opacities", "sh", "features")}
@@ -179,15 +182,18 @@ def compare(ref: Dict[str, Tensor], other: Dict[str, Tensor]) -> Dict[str, objec
     render_err = (ref["render"] - other["render"]).abs()
     alpha_err = (ref["alpha"] - other["alpha"]).abs()
     extra_err = (ref["extra"] - other["extra"]).abs()
+    depth_scale = float(ref["depth"].abs().max().clamp(min=1.0))
     errors: Dict[str, float] = {
         "render_max": float(render_err.max()),
         "render_mean": float(render_err.mean()),
         "alpha_max": float(alpha_err.max()),
+        "depth_max": float((ref["depth"] - other["depth"]).abs().max()) / depth_scale,
         "extra_max": float(extra_err.max()),
     }
     checks = {
         "render": errors["render_max"] <= t["render_max"] and errors["render_mean"] <= t["render_mean"],
         "alpha": errors["alpha_max"] <= t["render_max"],
+        "depth": errors["depth_max"] <= t["render_max"],  # relative to the largest accumulated depth
         "extra": errors["extra_max"] <= t["render_max"] * 10,  # features are N(0, 1), not in [0, 1]
     }
     for name in ("means_grad", "quats_grad", "scales_grad", "opacities_grad", "sh_grad", "means2d_grad",
