@@ -3,8 +3,8 @@
 A step is what nerfstudio's trainer does per iteration: the callbacks before it, the render, the
 losses (L1 + SSIM, and the contrastive loss when the feature field is on), backward, the
 optimizer steps, and the callbacks after it (gsplat's strategy). The scene is a generated
-128 px scene with SAM-like masks; the model starts from ~40k random Gaussians, and the timed steps
-come before densification starts, so every step sees the same number of Gaussians.
+128 px scene with SAM-like masks; the model starts from its ~40k seed points (surface samples),
+and the timed steps come before densification starts, so every step sees the same Gaussians.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Dict, Optional
 BACKENDS = ("compiled", "torch")
 
 
-def _trainer(scene: Path, out: Path, backend: str, features: bool, gaussians: int):
+def _trainer(scene: Path, out: Path, backend: str, features: bool):
     from trace3d_ns.config import trace3d_method
 
     cfg = copy.deepcopy(trace3d_method.config)
@@ -39,9 +39,6 @@ def _trainer(scene: Path, out: Path, backend: str, features: bool, gaussians: in
     model = cfg.pipeline.model
     model.rasterizer = backend
     model.num_downscales = 0
-    model.random_init = True
-    model.num_random = gaussians
-    model.random_scale = 4.0
     model.feature_start_step = 0 if features else 10**9
     model.warmup_length = 10**6  # no densification while timing: every step has the same Gaussians
     cfg.set_timestamp()
@@ -78,14 +75,17 @@ def run_step_benchmark(
         root = Path(work) if work is not None else Path(tmp)
         scene = root / "scene"
         if not (scene / "transforms.json").exists():
-            generate_scene(scene, SceneSpec(num_views=24, image_size=size, seed=0, sam_like_masks=True), overwrite=True)
+            generate_scene(
+                scene, SceneSpec(num_views=24, image_size=size, seed=0, num_points=gaussians, sam_like_masks=True),
+                overwrite=True,
+            )
         step_s: Dict[str, Dict[str, float]] = {}
         num_gaussians = {}
         for backend in BACKENDS:
             step_s[backend] = {}
             for features in (False, True):
                 torch.manual_seed(0)
-                trainer = _trainer(scene, root / "outputs", backend, features, gaussians)
+                trainer = _trainer(scene, root / "outputs", backend, features)
                 key = "features" if features else "rgb"
                 step_s[backend][key] = _time_steps(trainer, steps, warmup)
                 num_gaussians[key] = trainer.pipeline.model.num_points
