@@ -17,16 +17,24 @@ Definitions (all pixels are at the camera's full resolution; masks are boolean [
   ``subset_share(selection) > 0.5``, the selection's share of the full render's alpha * T, so
   occluders in front of it hide it as they do in the image. The GT masks are visible (modal) parts.
 - **Object extraction (a)**: per object and test view where the object is visible in the GT,
-  ``iou`` = IoU of the alone silhouette with the GT mask (3D extraction; a view where another
-  object hides part of it costs IoU, the authors skip such views), ``iou_visible`` = IoU of the
-  visible silhouette, and PSNR inside the GT mask's box padded by 10 px between (pred) the selected
-  Gaussians' RGB rendered alone over black (colour composited over a black background: the
-  premultiplied render) and (GT) the test image with every pixel outside the GT mask set to black.
-  Per object: means over those views; then means over the objects. (A perfect, infinite PSNR
-  would be recorded as null and left out of the means.)
+  ``iou`` = IoU of the alone silhouette with the GT mask (a view where another object hides part
+  of it costs IoU, the authors skip such views), ``iou_visible`` = IoU of the visible silhouette,
+  and PSNR inside the GT mask's box padded by 10 px between (pred) the selected Gaussians' RGB
+  rendered alone over black (colour composited over a black background: the premultiplied render)
+  and (GT) the test image with every pixel outside the GT mask set to black. Per object: means over
+  those views; then means over the objects. (A perfect, infinite PSNR would be recorded as null and
+  left out of the means.)
+- **3D extraction, amodal** (where the ground truth has ``gt_amodal/``, the object ray cast alone):
+  per object and every test view where the object is in frame (its amodal mask is not empty; no
+  view is skipped, nothing is hidden by other objects), ``iou_amodal`` = IoU of the alone
+  silhouette with the amodal mask and ``biou`` = their boundary IoU (``metrics.boundary_iou``:
+  contour bands of width 2% of the image diagonal). Per object: means over those views (``views_
+  amodal``); then means over the objects: ``object_iou_amodal`` and ``object_biou``.
 - **Novel-view 2D segmentation (b)**: mIoU = mean over GT objects of the object's mean
   ``iou_visible`` over the test views where it is visible (an object that cannot be prompted
   scores 0).
+- **Test PSNR**: PSNR of the model's full render (its eval background) against each test image,
+  averaged over the test views (``test_psnr``).
 - **Foreground (c)**: prediction = visible silhouette of the union selection; NVOS mIoU =
   TP/(TP+FP+FN) and mAcc = (TP+TN)/pixels per test view, averaged over the test views. With
   instance ground truth the foreground is every object (id > 0) and the selection is the union of
@@ -45,7 +53,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from trace3d_ns.evaluation.ground_truth import View
-from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
+from trace3d_ns.evaluation.metrics import box_psnr, boundary_iou, mask_iou, nvos_metrics
 from trace3d_ns.rendering import rasterize
 from trace3d_ns.rendering import Contributions
 from trace3d_ns.selection import (
@@ -224,17 +232,32 @@ def scene_contributions(model, views: Sequence[View]) -> Dict[str, Contributions
     return {v.name: camera_contributions(model, v.camera) for v in views}
 
 
+def _alone(model, view: View, sel: Selected, cache: Optional[Dict[str, np.ndarray]]) -> np.ndarray:
+    """`silhouette` of the selection on `view`, kept in `cache` (by view name) when one is given."""
+    if cache is None:
+        return silhouette(model, view.camera, sel.mask)
+    if view.name not in cache:
+        cache[view.name] = silhouette(model, view.camera, sel.mask)
+    return cache[view.name]
+
+
 def evaluate_object(
-    model, sel: Selected, object_id: int, test: Sequence[View], scenes: Dict[str, Contributions]
+    model,
+    sel: Selected,
+    object_id: int,
+    test: Sequence[View],
+    scenes: Dict[str, Contributions],
+    alone_cache: Optional[Dict[str, np.ndarray]] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Silhouette IoUs (alone, visible) and padded-box PSNR of one selection on each test view
-    showing `object_id`; `scenes` from `scene_contributions`."""
+    showing `object_id`; `scenes` from `scene_contributions`; `alone_cache`: silhouettes of this
+    selection already rendered, by view name (filled in)."""
     per_view = {}
     for view in test:
         gt = view.gt == object_id  # [H, W]
         if not gt.any():
             continue
-        alone = silhouette(model, view.camera, sel.mask)
+        alone = _alone(model, view, sel, alone_cache)
         visible = visible_silhouette(scenes[view.name], sel.mask)
         rgb = render_subset_rgb(model, view.camera, sel.mask)
         psnr = box_psnr(rgb, view.image, gt, pad=BOX_PAD, background=BACKGROUND)
@@ -244,6 +267,34 @@ def evaluate_object(
             "psnr": psnr if math.isfinite(psnr) else None,
         }
     return per_view
+
+
+def evaluate_amodal(
+    model, sel: Selected, object_id: int, test: Sequence[View], alone_cache: Optional[Dict[str, np.ndarray]] = None
+) -> Dict[str, Dict[str, float]]:
+    """IoU and boundary IoU of the selection rendered alone against the object rendered alone, on
+    every test view with amodal ground truth where the object is in frame."""
+    per_view = {}
+    for view in test:
+        gt = None if view.amodal is None else view.amodal.get(object_id)
+        if gt is None or not gt.any():
+            continue
+        alone = _alone(model, view, sel, alone_cache)
+        per_view[view.name] = {"iou": mask_iou(alone, gt), "biou": boundary_iou(alone, gt)}
+    return per_view
+
+
+@torch.no_grad()
+def full_render_psnr(model, test: Sequence[View]) -> Dict:
+    """PSNR of the full render against each test image ({"mean", "per_view"}; mean None without images)."""
+    per_view = {}
+    for view in test:
+        if view.image is None:
+            continue
+        rgb = model.get_outputs(view.camera.to(model.device))["rgb"].clamp(0.0, 1.0)  # [H, W, 3]
+        mse = float(torch.mean((rgb - view.image.to(rgb.device)) ** 2))
+        per_view[view.name] = None if mse == 0 else -10.0 * math.log10(mse)
+    return {"mean": _mean(list(per_view.values())), "per_view": per_view}
 
 
 def evaluate_foreground(selection: Tensor, test: Sequence[View], scenes: Dict[str, Contributions]) -> Dict:
@@ -279,23 +330,33 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
     result: Dict = {"mode": resolved, "threshold": settings.threshold, "num_gaussians": model.num_points}
     result["test_views"] = [v.name for v in test]
     scenes = scene_contributions(model, test)
+    psnr = full_render_psnr(model, test)
+    result["test_psnr"] = psnr
+    metrics = result["metrics"] = {"test_psnr": psnr["mean"]}
     if has_objects:
-        ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0})
+        amodal_ids = {i for v in test if v.amodal is not None for i in v.amodal}
+        ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0} | amodal_ids)
         union = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
         objects = {}
         for object_id in ids:
             masks = [v.gt == object_id for v in train]
             sel = select(model, train, ref(masks), masks, 1, settings)
             union |= sel.mask
-            per_view = evaluate_object(model, sel, object_id, test, scenes)
+            cache: Dict[str, np.ndarray] = {}
+            per_view = evaluate_object(model, sel, object_id, test, scenes, cache)
+            amodal = evaluate_amodal(model, sel, object_id, test, cache)
             objects[str(object_id)] = {
                 **_selection_record(sel, train),
                 "views": per_view,
                 "iou": _mean([s["iou"] for s in per_view.values()]),
                 "iou_visible": _mean([s["iou_visible"] for s in per_view.values()]),
                 "psnr": _mean([s["psnr"] for s in per_view.values()]),
+                "views_amodal": amodal,
+                "iou_amodal": _mean([s["iou"] for s in amodal.values()]),
+                "biou": _mean([s["biou"] for s in amodal.values()]),
             }
         scored = [o for o in objects.values() if o["views"]]
+        in_frame = [o for o in objects.values() if o["views_amodal"]]
         result["objects"] = objects
         result["object_extraction"] = {
             "num_objects": len(scored),
@@ -303,11 +364,19 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
             "mean_iou_visible": _mean([o["iou_visible"] for o in scored]),
             "mean_psnr": _mean([o["psnr"] for o in scored]),
             "not_in_test_views": [k for k, o in objects.items() if not o["views"]],
+            "mean_iou_amodal": _mean([o["iou_amodal"] for o in in_frame]),
+            "mean_biou": _mean([o["biou"] for o in in_frame]),
+            "num_objects_amodal": len(in_frame),
         }
         result["novel_view_segmentation"] = {
             "miou": result["object_extraction"]["mean_iou_visible"],
             "num_objects": len(scored),
         }
+        metrics.update(
+            object_iou_amodal=result["object_extraction"]["mean_iou_amodal"],
+            object_biou=result["object_extraction"]["mean_biou"],
+            novel_view_miou=result["novel_view_segmentation"]["miou"],
+        )
         result["foreground"] = {
             "selection": "union of the object selections",
             **evaluate_foreground(union, test, scenes),
