@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 def _raster(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.raster import run_raster_benchmark
 
-    return run_raster_benchmark(num_gaussians=args.gaussians, size=args.size, repeats=args.repeats)
+    return run_raster_benchmark(num_gaussians=args.gaussians, size=args.size or 128, repeats=args.repeats)
 
 
 def _masks(args: argparse.Namespace) -> Dict:
@@ -34,15 +34,16 @@ def _trace(args: argparse.Namespace) -> Dict:
 
 
 def _density(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.ablation import config_from_args
     from trace3d_ns.benchmarks.density import run_density_benchmark
 
-    return run_density_benchmark(args.work)
+    return run_density_benchmark(args.work, config_from_args(args))
 
 
 def _ablation(args: argparse.Namespace) -> Dict:
-    from trace3d_ns.benchmarks.ablation import run_ablation
+    from trace3d_ns.benchmarks.ablation import config_from_args, run_ablation
 
-    return run_ablation(args.work)
+    return run_ablation(args.work, config_from_args(args))
 
 
 def _foreground(args: argparse.Namespace) -> Dict:
@@ -67,13 +68,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     parser.add_argument("--gaussians", type=int, default=20000, help="raster: number of Gaussians")
-    parser.add_argument("--size", type=int, default=128, help="raster: image width and height")
+    parser.add_argument("--size", type=int, default=None,
+                        help="raster: image width and height (default 128); ablation, density: image side (default 160)")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
                         help="ablation, density, foreground: working folder (finished trainings in it are reused)")
     parser.add_argument("--scene", default="dtu_scan37", help="foreground: dtu_scan37 or lego")
+    from trace3d_ns.benchmarks.ablation import add_arguments
+
+    add_arguments(parser.add_argument_group("ablation, density (defaults: the benchmark's settings)"), size_flag=False)
     args = parser.parse_args(argv)
+    if args.benchmark in ("ablation", "density"):
+        from trace3d_ns.benchmarks.ablation import config_from_args
+
+        try:
+            config_from_args(args)
+        except ValueError as err:
+            parser.error(str(err))
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
+    if args.out is not None and "pictures" in result:
+        from trace3d_ns.benchmarks.ablation import write_result
+
+        write_result(result, args.out)  # copies the pictures beside the JSON
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:
