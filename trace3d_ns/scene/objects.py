@@ -99,6 +99,16 @@ class SceneObject:
         """Procedural albedo [R, 3] at world surface points [R, 3]."""
         return self.texture.albedo(points)
 
+    @property
+    def base_color(self) -> np.ndarray:
+        """The texture's base colour [3] in [0, 1]."""
+        return self.texture.base_color
+
+    @property
+    def accent_color(self) -> np.ndarray:
+        """The texture's accent colour [3] in [0, 1]."""
+        return self.texture.accent_color
+
     def parts(self) -> np.ndarray:
         """Part index of every face. [F] int64"""
         if self.face_part is None:
