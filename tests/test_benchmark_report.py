@@ -1,6 +1,7 @@
 """The ablation's variants and schedule map to the right training flags, its summary statistics are
 right, its picture picks the same objects for every variant, and the report renders every run."""
 
+import json
 import os
 from pathlib import Path
 
@@ -149,6 +150,23 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
     command_record(run).write_text(" ".join(cmd))
     assert is_trained(run, 10, cmd)
     assert not is_trained(run, 10, cmd[:-1] + ["20"]) and not is_trained(run, 20, cmd)
+
+
+def test_a_changed_scene_is_generated_again_and_its_runs_retrained(tmp_path):
+    from trace3d_ns.benchmarks.ablation import command_record, prepare_scenes, run_dir
+
+    cfg = ablation_config(size=24, views=3, objects=2, seeds=[4])
+    commands = prepare_scenes(tmp_path, cfg)
+    assert "--seed 4" in commands["scene_s4"] and "--clutter" in commands["scene_s4"]
+    scene = tmp_path / "scene_s4" / "scene.json"
+    record = command_record(run_dir(tmp_path, run_name("full", 4)))
+    record.parent.mkdir(parents=True)
+    record.write_text("trained")
+    first = scene.stat().st_mtime_ns
+    prepare_scenes(tmp_path, cfg)  # same command: nothing happens
+    assert scene.stat().st_mtime_ns == first and record.is_file()
+    prepare_scenes(tmp_path, ablation_config(size=24, views=3, objects=3, seeds=[4]))
+    assert len(json.loads(scene.read_text())["objects"]) == 3 and not record.exists()
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ iterations apart, inside a 9000-iteration RGB fine-tune", then contrastive lifti
   geometry; RGB keeps training).
 
 Runs go ``parallel`` at a time, one torch thread each. A run already in ``--work`` with its final
-checkpoint and the same training command (kept in its folder) is not trained again.
+checkpoint and the same training command (kept in its folder) is not trained again; a scene made by
+another command is generated again, and its runs trained again.
 
 **Measured** on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
 ``trace3d_ns.evaluation.harness`` with feature-similarity selection (the lifting Table 5 compares):
@@ -344,6 +345,22 @@ def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: 
     return wall
 
 
+def prepare_scenes(work: Path, cfg: AblationConfig) -> Dict[str, str]:
+    """Generate each seed's scene unless ``work`` has it from the same command; a regenerated scene
+    drops the command records of its runs, so they train again. Returns the scene commands by name."""
+    commands: Dict[str, str] = {}
+    for seed in cfg.seeds:
+        cmd = scene_command(scene_dir(work, seed), cfg, seed)
+        commands[f"scene_s{seed}"] = " ".join(cmd)
+        record = scene_dir(work, seed) / "scene_command.txt"
+        if not (record.is_file() and record.read_text() == " ".join(cmd)):
+            for variant in VARIANTS:  # runs on a previous scene of this seed are not reused
+                command_record(run_dir(work, run_name(variant, seed))).unlink(missing_ok=True)
+            run_logged(cmd, work, work / f"scene_s{seed}.log")
+            record.write_text(" ".join(cmd))
+    return commands
+
+
 def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = None) -> Dict:
     """Generate the scenes, train the runs not trained yet, measure them all. JSON-ready result."""
     cfg = cfg or AblationConfig()
@@ -353,14 +370,7 @@ def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = No
     torch.set_num_threads(1)
     start = time.perf_counter()
 
-    commands: Dict[str, str] = {}
-    for seed in cfg.seeds:
-        cmd = scene_command(scene_dir(work, seed), cfg, seed)
-        commands[f"scene_s{seed}"] = " ".join(cmd)
-        record = scene_dir(work, seed) / "scene_command.txt"
-        if not (record.is_file() and record.read_text() == " ".join(cmd)):
-            run_logged(cmd, work, work / f"scene_s{seed}.log")
-            record.write_text(" ".join(cmd))
+    commands = prepare_scenes(work, cfg)
     train = {run_name(v, seed): train_command(scene_dir(work, seed), work, run_name(v, seed), cfg, VARIANTS[v], seed)
              for seed in cfg.seeds for v in cfg.variants}  # seed-major: a finished seed is a complete comparison
     commands.update({f"train_{k}": " ".join(v) for k, v in train.items()})
