@@ -20,7 +20,13 @@ from trace3d_ns.benchmarks.ablation import (
     train_command,
 )
 from trace3d_ns.benchmarks.pictures import comparison_rgb, picture_subjects
-from trace3d_ns.benchmarks.report import ablation_section, ablation_seed_table, ablation_table, foreground_table
+from trace3d_ns.benchmarks.report import (
+    ablation_delta_table,
+    ablation_section,
+    ablation_seed_table,
+    ablation_table,
+    foreground_table,
+)
 from trace3d_ns.evaluation.ground_truth import View
 
 
@@ -100,6 +106,8 @@ def test_report_tables_and_pictures():
     assert len(rows) == 2 + 2
     assert rows[2].startswith("| `no_git` | - | - | - | 0.600 ± 0.100 | 0.300 ± 0.050 | 0.700 ± 0.100 | 25.00 ± 0.00 |")
     assert rows[3].startswith("| `full` | yes | yes | yes | 0.800 ± 0.100 |") and rows[3].endswith("| 1.25 ± 0.00 |")
+    result["delta_vs_no_git"] = deltas(RUNS, "no_git")
+    assert ablation_delta_table(result)[2].startswith("| `full` | 0.200 ± 0.100 |")
     seeds = ablation_seed_table(result)
     assert seeds[0] == "| variant | metric | seed 0 | seed 1 | seed 2 |"
     assert "| `full` | object_iou_amodal | 0.700 | 0.900 | 0.800 |" in seeds

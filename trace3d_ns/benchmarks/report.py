@@ -83,6 +83,16 @@ def ablation_seed_table(result: Dict) -> List[str]:
     return rows
 
 
+def ablation_delta_table(result: Dict) -> List[str]:
+    """Markdown rows: each variant's per-seed difference to ``no_git`` in the headline metrics (mean ± std)."""
+    deltas = result.get("delta_vs_no_git", {})
+    rows = ["| variant | " + " | ".join(f"Δ {key}" for key in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for name in VARIANTS:
+        if name in deltas:
+            rows.append(f"| `{name}` | " + " | ".join(_pm(deltas[name][k], 2 if k == "test_psnr" else 3) for k in HEADLINE) + " |")
+    return rows
+
+
 def ablation_section(result: Dict, pictures: Dict[str, str]) -> List[str]:
     """The ablation's part of BENCHMARKS.md; ``pictures``: variant -> path of its picture relative to the report."""
     cfg, s = result["config"], result["schedule"]
@@ -111,6 +121,10 @@ def ablation_section(result: Dict, pictures: Dict[str, str]) -> List[str]:
         "ground-truth instances has max < 0.8 in more than half of their views.",
         "",
         *ablation_table(result),
+        "",
+        "Difference to `no_git`, paired by seed (mean ± std of the per-seed differences):",
+        "",
+        *ablation_delta_table(result),
         "",
         "Per seed:",
         "",
