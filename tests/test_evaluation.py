@@ -20,6 +20,7 @@ from trace3d_ns.evaluation.harness import (
     Settings,
     evaluate,
     prompt_points,
+    full_render_psnr,
     reference_view,
     render_subset_rgb,
     resolve_mode,
@@ -70,6 +71,24 @@ def test_reference_view_prefers_the_largest_inscribed_disc():
 def _png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def test_amodal_masks_beside_the_instance_maps(tmp_path):
+    ids = np.zeros((8, 8), dtype=np.uint16)
+    ids[:4, :4] = 3
+    _png(tmp_path / "gt_instances" / "frame_00002.png", ids)
+    gt = find_ground_truth(tmp_path)
+    assert not gt.has_amodal and gt.load_amodal(Path("images/frame_00002.png"), 8, 8) is None
+    alone = np.zeros((8, 8), dtype=np.uint8)
+    alone[:6, :6] = 255  # object 3 alone is larger than its visible part
+    _png(tmp_path / "gt_amodal" / "3" / "frame_00002.png", alone)
+    _png(tmp_path / "gt_amodal" / "5" / "frame_00002.png", np.zeros((8, 8), dtype=np.uint8))  # out of frame
+    gt = find_ground_truth(tmp_path)
+    masks = gt.load_amodal(Path("images_2/frame_00002.jpg"), 4, 4)
+    assert gt.has_amodal and sorted(masks) == [3, 5]
+    np.testing.assert_array_equal(masks[3], [[1, 1, 1, 0]] * 3 + [[0, 0, 0, 0]])
+    assert masks[3].dtype == bool and not masks[5].any()
+    assert gt.load_amodal(Path("images/frame_00001.png"), 8, 8) is None  # a training view: none written
 
 
 def test_instances_match_by_stem_and_resize_nearest(tmp_path):
@@ -224,6 +243,54 @@ def test_visible_silhouette_leaves_out_what_an_occluder_hides(two_squares):
     assert not (red_visible & blue_visible).any()
     assert (red_visible == (alone & ~blue_visible)).mean() > 0.98
     assert scores["iou_visible"] > 0.8 and scores["iou"] < scores["iou_visible"] - 0.2
+
+
+def test_amodal_ground_truth_scores_the_selection_alone_on_every_view_in_frame(two_squares):
+    model, view = two_squares
+    means = model.gauss_params["means"].data
+    red = torch.arange(450) < 225
+    original = means.clone()
+    means[~red] += torch.tensor([-0.6, 0.0, 0.5])  # blue in front of red's right half
+    try:
+        blue_visible = visible_silhouette(camera_contributions(model, view.camera), ~red)
+        amodal = {1: _square_gt(-0.5), 2: silhouette(model, view.camera, ~red)}
+        modal = np.where(blue_visible, 2, np.where(amodal[1], 1, 0))
+        occluded = View(view.name, view.camera, modal, view.image, amodal)
+        # a second view where red is in frame but hidden entirely: no modal pixel, still scored amodally
+        hidden = View("hidden", view.camera, np.where(amodal[2], 2, 0), view.image, {1: amodal[1] & amodal[2]})
+        result = evaluate(model, [occluded], [occluded, hidden], has_objects=True, settings=Settings())
+    finally:
+        means.copy_(original)
+    red_scores = result["objects"]["1"]
+    assert set(red_scores["views"]) == {"view"} and set(red_scores["views_amodal"]) == {"view", "hidden"}
+    assert red_scores["views_amodal"]["view"]["iou"] > 0.8  # the selection alone against the object alone
+    assert red_scores["views"]["view"]["iou"] < red_scores["views_amodal"]["view"]["iou"] - 0.2  # modal GT
+    assert 0.0 < red_scores["views_amodal"]["hidden"]["iou"] < 0.7  # half the square was asked for there
+    assert 0.0 < red_scores["biou"] <= 1.0
+    ext, metrics = result["object_extraction"], result["metrics"]
+    assert ext["num_objects_amodal"] == 2
+    assert metrics["object_iou_amodal"] == pytest.approx(np.mean([o["iou_amodal"] for o in result["objects"].values()]))
+    assert metrics["object_biou"] == pytest.approx(np.mean([o["biou"] for o in result["objects"].values()]))
+    assert metrics["novel_view_miou"] == result["novel_view_segmentation"]["miou"]
+    assert set(metrics) == {"object_iou_amodal", "object_biou", "novel_view_miou", "test_psnr"}
+
+
+def test_without_amodal_ground_truth_the_amodal_scores_are_null(two_squares):
+    model, view = two_squares
+    result = evaluate(model, [view], [view], has_objects=True, settings=Settings())
+    assert result["metrics"]["object_iou_amodal"] is None and result["metrics"]["object_biou"] is None
+    assert all(o["views_amodal"] == {} for o in result["objects"].values())
+
+
+def test_test_psnr_of_the_full_render(two_squares):
+    model, view = two_squares
+    render = model.get_outputs(view.camera)["rgb"].clamp(0.0, 1.0)  # [H, W, 3] over the eval background
+    assert float(render.min()) >= 0.1
+    darker = View(view.name, view.camera, view.gt, render - 0.1)
+    scores = full_render_psnr(model, [darker, View("same", view.camera, view.gt, render), View("none", view.camera, view.gt)])
+    assert scores["per_view"][view.name] == pytest.approx(20.0, abs=1e-3)  # MSE 0.01
+    assert scores["per_view"]["same"] is None and "none" not in scores["per_view"]  # perfect: null, no image: left out
+    assert scores["mean"] == pytest.approx(20.0, abs=1e-3)
 
 
 def test_wrong_selection_scores_low(two_squares):

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from trace3d_ns.evaluation.metrics import box_psnr, mask_bbox, mask_iou, nvos_metrics, object_miou
+from trace3d_ns.evaluation.metrics import (
+    box_psnr,
+    boundary_iou,
+    boundary_width,
+    mask_bbox,
+    mask_boundary,
+    mask_iou,
+    nvos_metrics,
+    object_miou,
+)
 
 
 def masks_a() -> tuple[np.ndarray, np.ndarray]:
@@ -115,3 +124,51 @@ def test_box_psnr():
         box_psnr(pred, gt_rgb[:10], gt_mask)
     with pytest.raises(ValueError, match="gt_mask has shape"):
         box_psnr(pred, gt_rgb, gt_mask[:10])
+
+
+def _block(h: int, w: int, rows: slice, cols: slice) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def test_boundary_width_is_two_percent_of_the_diagonal():
+    assert boundary_width(10, 10) == 1  # 0.28 px: at least 1
+    assert boundary_width(100, 100) == 3  # 2.83
+    assert boundary_width(160, 160) == 5  # 4.53
+    assert boundary_width(300, 400) == 10  # diagonal 500
+
+
+def test_boundary_band_of_a_square_and_of_the_image_border():
+    square = _block(100, 100, slice(20, 60), slice(20, 60))  # 40 x 40
+    band = mask_boundary(square, 3)
+    assert band.sum() == 40 * 40 - 34 * 34  # a ring 3 px wide
+    assert band[20:23, 20:60].all() and not band[23:57, 23:57].any()
+    full = mask_boundary(np.ones((10, 12), bool), 1)  # the image border is contour
+    assert full.sum() == 10 * 12 - 8 * 10 and not full[1:-1, 1:-1].any()
+    assert not mask_boundary(np.zeros((5, 5), bool), 1).any()
+    with pytest.raises(ValueError, match="d must be"):
+        mask_boundary(square, 0)
+
+
+def test_boundary_iou_on_hand_made_masks():
+    # 10 x 10 image: d = 1. GT = rows 2-7, cols 2-7 (6 x 6); its ring: 36 - 16 = 20 px.
+    gt = _block(10, 10, slice(2, 8), slice(2, 8))
+    assert boundary_iou(gt, gt) == 1.0
+    # Shifted one column right (cols 3-8), ring 20 px. Shared ring pixels: rows 2 and 7 at cols 3-7
+    # (10 px); GT's side col 7 and the shift's side col 3 lie inside the other square. 10 / (20 + 20 - 10).
+    shifted = _block(10, 10, slice(2, 8), slice(3, 9))
+    assert boundary_iou(shifted, gt) == pytest.approx(1 / 3)
+    assert mask_iou(shifted, gt) == pytest.approx(30 / 42)  # the area IoU hides what the contour shows
+    # A hole far inside (100 x 100 image: d = 3) costs area IoU for its area, boundary IoU only for
+    big = _block(100, 100, slice(10, 90), slice(10, 90))
+    holed = big & ~_block(100, 100, slice(40, 60), slice(40, 60))
+    assert mask_iou(holed, big) == pytest.approx(1 - 400 / 6400)
+    # its own contour band: the mask pixels in the 3 px ring around it, 26^2 - 20^2.
+    outer = 80 * 80 - 74 * 74
+    assert boundary_iou(holed, big) == pytest.approx(outer / (outer + 26 * 26 - 20 * 20))
+    assert boundary_iou(np.zeros((10, 10), bool), np.zeros((10, 10), bool)) == 1.0
+    assert boundary_iou(np.zeros((10, 10), bool), gt) == 0.0
+    assert boundary_iou(torch.from_numpy(gt), gt.astype(np.uint8)) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        boundary_iou(gt, gt[:5])

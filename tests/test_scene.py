@@ -261,3 +261,136 @@ def test_cli_output_directory_rules(tmp_path: Path, capsys: pytest.CaptureFixtur
     main(["--out", str(out), "--views", "2", "--size", "16", "--points", "50"])  # a previous scene: replaced
     assert sorted(p.name for p in (out / "images").iterdir()) == ["frame_00000.png", "frame_00001.png"]
     assert _json(out / "scene.json")["spec"]["num_views"] == 2
+
+
+# ---- objects cast alone (amodal ground truth) ------------------------------------------------------
+
+
+def _amodal(scene: Path, object_id: int, name: str) -> np.ndarray:
+    return np.asarray(Image.open(scene / "gt_amodal" / str(object_id) / name)) > 127
+
+
+def test_amodal_masks_for_every_object_on_the_test_views_only(scene: Path) -> None:
+    info = _json(scene / "scene.json")
+    assert info["gt_amodal_dir"] == "gt_amodal"
+    hidden_somewhere = False
+    for obj in info["objects"]:
+        folder = scene / "gt_amodal" / str(obj["id"])
+        assert sorted(p.name for p in folder.iterdir()) == TEST_NAMES  # test views only: what eval needs
+        in_frame = []
+        for view, name in zip(info["test_views"], TEST_NAMES):
+            alone, visible = _amodal(scene, obj["id"], name), _gt(scene, name) == obj["id"]
+            assert (visible <= alone).all()  # the visible part lies inside the object cast alone
+            hidden_somewhere |= bool((alone & ~visible).any())
+            if alone.any():
+                in_frame.append(view)
+        assert obj["in_frame_test_views"] == in_frame
+    assert hidden_somewhere  # other objects (or itself) hide parts the amodal masks keep
+
+
+def test_amodal_mask_is_the_object_with_everything_else_removed(scene: Path) -> None:
+    cameras = make_cameras(SPEC)
+    layout = layout_scene(SPEC, cameras)
+    from trace3d_ns.scene.generate import SceneLayout
+
+    for k, obj in enumerate(layout.objects):
+        alone_layout = SceneLayout([obj], layout.ground, layout.light_dir)
+        for view, name in zip(SPEC.test_indices(), TEST_NAMES):
+            ids = render_view(alone_layout, cameras, view, 1).instances  # ground kept: it never covers objects
+            np.testing.assert_array_equal(_amodal(scene, obj.instance_id, name), ids == obj.instance_id)
+
+
+# ---- cluttered layouts ---------------------------------------------------------------------------------
+
+CLUTTER = SceneSpec(num_objects=8, num_views=6, image_size=48, seed=3, test_every=3, num_points=600,
+                    sam_like_masks=True, clutter=True)
+
+
+@pytest.fixture(scope="module")
+def clutter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_scene(tmp_path_factory.mktemp("clutter") / "scene", CLUTTER)
+
+
+def _mesh_distance(a, b, samples: int = 4000) -> float:
+    """Smallest distance from points sampled on mesh a to mesh b."""
+    import trimesh
+
+    points = trimesh.sample.sample_surface(a, samples, seed=0)[0]
+    return float(trimesh.proximity.closest_point(b, points)[1].min())
+
+
+def test_clutter_roles_contacts_and_no_interpenetration(clutter: Path) -> None:
+    from trace3d_ns.scene.clutter import role_counts
+
+    info = _json(clutter / "scene.json")
+    layout = layout_scene(CLUTTER, make_cameras(CLUTTER))
+    objects = {o.instance_id: o for o in layout.objects}
+    roles = [o["role"] for o in info["objects"]]
+    assert {r: roles.count(r) for r in set(roles)} == {k: v for k, v in role_counts(8).items() if v}
+    assert {o["shape"] for o in info["objects"] if o["role"] == "thin"} == {"table", "lamp"}
+    placed_against = {c["object"] for c in info["contacts"]}
+    assert placed_against == set(objects) - {1}  # every object but the first was placed against another
+    for c in info["contacts"]:
+        a, b = objects[c["object"]], objects[c["against"]]
+        if c["kind"] == "stack":
+            assert a.mesh.bounds[0, 2] == pytest.approx(b.mesh.bounds[1, 2], abs=1e-9)  # on the top
+        if c["kind"] == "stack" or c["kind"] == "lean" or {a.shape, b.shape} == {"box"}:
+            assert _mesh_distance(a.mesh, b.mesh) < 3e-3  # touching (the layout leaves a 1 mm gap)
+        if c["kind"] == "lean":
+            assert a.mesh.bounds[0, 2] == pytest.approx(0.0, abs=1e-9) and a.mesh.bounds[1, 2] < b.mesh.bounds[1, 2]
+    for a in layout.objects:  # vertices pulled 1% towards their own centre lie outside every other object
+        pulled = a.mesh.vertices + 0.01 * (a.mesh.vertices.mean(axis=0) - a.mesh.vertices)
+        for b in layout.objects:
+            if b is not a:
+                assert not b.mesh.contains(pulled).any(), (a.instance_id, b.instance_id)
+
+
+def test_clutter_has_thin_parts_and_shared_textures(clutter: Path) -> None:
+    info = _json(clutter / "scene.json")
+    thin = {o["shape"]: o for o in info["objects"] if o["role"] == "thin"}
+    assert thin["table"]["num_parts"] == 5 and thin["table"]["params"]["leg_radius"] <= 0.022
+    assert thin["lamp"]["num_parts"] == 3 and thin["lamp"]["params"]["pole_radius"] <= 0.02
+    assert info["shared_textures"]  # the first eligible contact always shares
+    by_id = {o["id"]: o for o in info["objects"]}
+    contacts = {(c["object"], c["against"]) for c in info["contacts"]}
+    for a, b in info["shared_textures"]:
+        assert (a, b) in contacts
+        assert by_id[a]["color"] == by_id[b]["color"] and by_id[a]["pattern"] == by_id[b]["pattern"]
+    layout = layout_scene(CLUTTER, make_cameras(CLUTTER))
+    a, b = (next(o for o in layout.objects if o.instance_id == i) for i in info["shared_textures"][0])
+    points = np.random.default_rng(0).uniform(-1, 1, (50, 3))
+    np.testing.assert_array_equal(a.albedo(points), b.albedo(points))  # one pattern in one frame
+
+
+def test_clutter_is_deterministic_and_differs_from_the_sparse_layout(clutter: Path, tmp_path: Path) -> None:
+    again = generate_scene(tmp_path / "again", CLUTTER)
+    assert _digest(again) == _digest(clutter)
+    sparse = layout_scene(SceneSpec(**{**CLUTTER.__dict__, "clutter": False}), make_cameras(CLUTTER))
+    assert all(o.role == "ground" for o in sparse.objects)
+
+
+def test_sam_like_masks_split_objects_into_their_parts() -> None:
+    gt = np.zeros((20, 20), dtype=np.int64)
+    gt[2:18, 2:8] = 1
+    parts = np.zeros((20, 20), dtype=np.int64)
+    parts[10:18, 2:8] = 1  # object 1 has a top part 0 and a bottom part 1
+    masks = make_sam_like_masks(gt, np.random.default_rng(0), parts=parts, p_split=1.0, p_keep_whole=0.0,
+                                p_jitter=0.0, p_ground=0.0, p_drop_small=0.0)
+    assert sorted(m.tobytes() for m in masks) == sorted([((gt == 1) & (parts == k)).tobytes() for k in (0, 1)])
+
+
+def test_sam_like_masks_merge_biased_pairs() -> None:
+    gt = np.zeros((20, 30), dtype=np.int64)
+    gt[5:15, 2:10], gt[5:15, 10:18], gt[5:15, 18:26] = 1, 2, 3  # a row of three touching objects
+    kw = dict(p_merge=0.0, p_split=0.0, p_jitter=0.0, p_ground=0.0, p_drop_small=0.0)
+    for seed in range(5):
+        masks = make_sam_like_masks(gt, np.random.default_rng(seed), merge_bias={(2, 3): 1.0}, **kw)
+        assert sorted(m.tobytes() for m in masks) == sorted([(gt == 1).tobytes(), np.isin(gt, [2, 3]).tobytes()])
+    plain = make_sam_like_masks(gt, np.random.default_rng(0), **kw)
+    assert len(plain) == 3
+
+
+def test_cli_clutter_flag(tmp_path: Path) -> None:
+    main(["--out", str(tmp_path / "c"), "--clutter", "--objects", "5", "--views", "3", "--size", "24", "--points", "50"])
+    info = _json(tmp_path / "c" / "scene.json")
+    assert info["spec"]["clutter"] is True and info["contacts"]

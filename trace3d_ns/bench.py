@@ -21,7 +21,7 @@ def _scale(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.scale import run_scale_benchmark
 
     return run_scale_benchmark(
-        num_gaussians=args.gaussians or 1_000_000, num_views=args.views, size=args.size or 256, threads=args.threads
+        num_gaussians=args.gaussians or 1_000_000, num_views=args.views or 200, size=args.size or 256, threads=args.threads
     )
 
 
@@ -50,15 +50,16 @@ def _trace(args: argparse.Namespace) -> Dict:
 
 
 def _density(args: argparse.Namespace) -> Dict:
+    from trace3d_ns.benchmarks.ablation import config_from_args
     from trace3d_ns.benchmarks.density import run_density_benchmark
 
-    return run_density_benchmark(args.work)
+    return run_density_benchmark(args.work, config_from_args(args))
 
 
 def _ablation(args: argparse.Namespace) -> Dict:
-    from trace3d_ns.benchmarks.ablation import run_ablation
+    from trace3d_ns.benchmarks.ablation import config_from_args, run_ablation
 
-    return run_ablation(args.work)
+    return run_ablation(args.work, config_from_args(args))
 
 
 def _foreground(args: argparse.Namespace) -> Dict:
@@ -96,8 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     parser.add_argument("--gaussians", type=int, default=None,
                         help="raster: number of Gaussians (default 20000); scale: (default 1000000)")
-    parser.add_argument("--size", type=int, default=None, help="raster (default 128), scale (default 256): image side")
-    parser.add_argument("--views", type=int, default=200, help="scale: number of views")
+    parser.add_argument("--size", type=int, default=None, help="raster (default 128), scale (default 256), ablation / density (default 160): image side")
+    parser.add_argument("--views", type=int, default=None, help="scale: number of views (default 200); ablation, density: views per scene (default 40)")
     parser.add_argument("--threads", type=int, default=None, help="scale: torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
     parser.add_argument("--work", type=Path, default=None,
@@ -105,8 +106,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "step: where its scene and runs go (default: a temporary folder)")
     parser.add_argument("--scene", default=None,
                         help="foreground: dtu_scan37 (default) or lego; objectness: one of them (default: both)")
+    from trace3d_ns.benchmarks.ablation import add_arguments
+
+    add_arguments(
+        parser.add_argument_group("ablation, density (defaults: the benchmark's settings)"), size_flag=False, views_flag=False
+    )
     args = parser.parse_args(argv)
+    if args.benchmark in ("ablation", "density"):
+        from trace3d_ns.benchmarks.ablation import config_from_args
+
+        try:
+            config_from_args(args)
+        except ValueError as err:
+            parser.error(str(err))
     result = {"benchmark": args.benchmark, **BENCHMARKS[args.benchmark](args)}
+    if args.out is not None and "pictures" in result:
+        from trace3d_ns.benchmarks.ablation import write_result
+
+        write_result(result, args.out)  # copies the pictures beside the JSON
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

@@ -1,9 +1,13 @@
-"""The paper's Table-5 ablation, run here: the same training with Gaussian Instance Tracing's two
-contributions switched on and off, measured the same way.
+"""The paper's Table-5 ablation, run where object boundaries matter: Gaussian Instance Tracing's two
+contributions switched on and off, on cluttered generated scenes, several seeds, scored as 3D
+extraction.
 
-    python -m trace3d_ns.benchmarks.ablation --out ablation.json [--work DIR] [--variants a,b]
+    trace3d-bench ablation --out ablation.json [--work DIR] [--steps N] [--size S] [--seeds 0,1,2]
+    python -m trace3d_ns.benchmarks.ablation --out ablation.json [same flags]
 
-Variants (``VARIANTS``), all ``ns-train trace3d`` on the CPU with the same seed and schedule:
+The defaults (``AblationConfig``) are the benchmark; the flags exist for smoke runs.
+
+Variants (``VARIANTS``), all ``ns-train trace3d`` on the CPU with the same scene, seed and schedule:
 
 - ``no_git``: no Gaussian Instance Tracing; the features are lifted from the raw (view-inconsistent)
   SAM-like patches (``--pipeline.git-step -1``);
@@ -13,37 +17,56 @@ Variants (``VARIANTS``), all ``ns-train trace3d`` on the CPU with the same seed 
   (``--pipeline.density.cycles 0``);
 - ``full``: both.
 
-Scene: ``trace3d-scene --sam-like-masks`` (``AblationConfig``): its masks disagree across views the
-way SAM's do (merged neighbours, parts, boundary jitter, missed small objects). Schedule: RGB from
-step 0, splatfacto's densification from ``warmup`` to ``stop_split_at``, GIT and feature lifting
-from ``git_step``, density control cycles from ``stop_split_at`` every ``every`` steps (the last one
-only prunes). Runs go ``parallel`` at a time, one torch thread each. A run already in ``--work``
-with its final checkpoint and the same training command (kept in its folder) is not trained again,
-so measurements can be repeated.
+**Scene** (chosen once, the same for every variant and seed but the seed): ``trace3d-scene --clutter
+--sam-like-masks``, 10 objects that touch, stack and lean on each other (some sharing a texture
+across the contact, tables and lamps with thin parts), 160 px, 40 views with every 5th held out
+(8 test views); masks that disagree across views like SAM's (merged neighbours, parts, missed small
+objects, boundary jitter). Seed ``s`` generates the scene (``--seed s``) and seeds the training
+(``--machine.seed s``), so every seed is a new scene and the variants of one seed are paired.
 
-Measured on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
-Gaussian counts; the share of ambiguous Gaussians against the run's own consistent instances (the
-pipeline's tracing re-run on the final model) and against the ground-truth instance maps (an
-objective "straddles two objects" measure); ``trace3d_ns.evaluation.harness`` (object extraction:
-IoU of the selection rendered alone, IoU of its visible part, PSNR in the box; novel-view 2D mIoU;
-foreground mIoU / mAcc) with feature-similarity selection (the lifting that Table 5 compares), with
-instance labels (from the re-run tracing, so every run's labels are equally fresh; for ``no_git``
-that is GIT applied after training) and with labels from clustering the features
-(``feature_clusters``); and the test-view PSNR of the full render.
+**Schedule**, as fractions of the steps (``Schedule``), after the authors' release (NOTES.md,
+"The authors' release": RGB training 30k iterations, patch merging, density control "4 cycles, 1200
+iterations apart, inside a 9000-iteration RGB fine-tune", then contrastive lifting 20k iterations):
+
+- 0-50%: the RGB stage; splatfacto's densification from 5% to 25% (half of the RGB stage, as the
+  splatfacto / 3DGS defaults densify for the first half of their 30k steps);
+- 50%: Gaussian Instance Tracing: consistent instance maps (runs with GIT);
+- 50-70%: the density-control fine-tune, RGB only: 4 cycles at 50, 56, 62 and 68% (the last one only
+  prunes; each cycle re-traces and re-merges), so the children train 6% of the steps (300 of 5000)
+  before the next cycle judges them;
+- 70-100%: contrastive feature lifting on the final Gaussians (the features never move the
+  geometry; RGB keeps training).
+
+Runs go ``parallel`` at a time, one torch thread each. A run already in ``--work`` with its final
+checkpoint and the same training command (kept in its folder) is not trained again; a scene made by
+another command is generated again, and its runs trained again.
+
+**Measured** on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
+``trace3d_ns.evaluation.harness`` with feature-similarity selection (the lifting Table 5 compares):
+``object_iou_amodal`` and ``object_biou`` (the selection rendered alone against the object ray cast
+alone, on every test view where it is in frame), ``novel_view_miou``, ``test_psnr``, and the modal
+scores; the same with instance-label selection (from GIT re-run on the final model, so ``no_git``
+there is GIT applied after training); Gaussian counts; the share of ambiguous Gaussians against the
+run's own consistent instances and against the ground-truth instance maps; the density control
+cycles' statistics. The JSON's ``summary.<variant>.<metric>`` holds ``mean``, ``std`` (sample
+standard deviation over the seeds) and the per-seed ``values``; ``delta_vs_no_git`` the same for the
+per-seed differences to ``no_git``. One picture per variant (``pictures``, first seed): the ground
+truth against the extracted objects (:mod:`trace3d_ns.benchmarks.pictures`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,36 +95,90 @@ VARIANTS: Dict[str, Variant] = {
 }
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Training steps of each stage, derived from the total (see the module docstring)."""
+
+    steps: int
+    warmup: int
+    """splatfacto's warmup_length: its densification starts after this."""
+    stop_split_at: int
+    """splatfacto's densification stops here."""
+    git_step: int
+    """Gaussian Instance Tracing (consistent maps) and the first density control cycle."""
+    cycles: int
+    every: int
+    """Steps between density control cycles."""
+    feature_start: int
+    """Contrastive feature lifting starts here."""
+
+    @classmethod
+    def of(cls, steps: int, cycles: int = 4) -> Schedule:
+        """The ablation's schedule for ``steps`` training steps."""
+        if steps < 20:
+            raise ValueError(f"the ablation needs at least 20 steps, got {steps}")
+        return cls(
+            steps=steps,
+            warmup=max(1, round(0.05 * steps)),
+            stop_split_at=round(0.25 * steps),
+            git_step=round(0.5 * steps),
+            cycles=cycles,
+            every=max(1, round(0.06 * steps)),
+            feature_start=round(0.7 * steps),
+        )
+
+    def cycle_steps(self) -> List[int]:
+        return [self.git_step + k * self.every for k in range(self.cycles)]
+
+
 @dataclass
 class AblationConfig:
-    """Scene and schedule (sized for CPU training on a 2-core machine)."""
+    """Scene, training length and seeds; the defaults are the benchmark (fixed before measuring)."""
 
-    views: int = 32
-    """Views of the generated scene (every 8th is a test view)."""
-    size: int = 64
+    views: int = 40
+    """Views of each generated scene."""
+    test_every: int = 5
+    """Every ``test_every``-th view is a test view."""
+    size: int = 160
     """Image width and height in pixels."""
-    objects: int = 5
-    scene_seed: int = 0
-    train_seed: int = 42
-    steps: int = 1500
-    warmup: int = 200
-    """splatfacto's warmup_length: its densification starts after this."""
-    stop_split_at: int = 600
-    """splatfacto's densification stops here; the first density control cycle runs here."""
-    git_step: int = 300
-    """Gaussian Instance Tracing and feature lifting start here (runs with GIT; feature lifting in all)."""
+    objects: int = 10
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seed s: scene ``--seed s`` and training ``--machine.seed s``."""
+    steps: int = 5000
     contrastive_samples: int = 1024
-    """Pixels per step of the contrastive loss (the method's default is 4096)."""
-    cycles: int = 4
-    every: int = 200
+    """Pixels per step of the contrastive loss (the method's default is 4096). Its cost is quadratic:
+    forward + backward on one loaded CPU thread took 0.17 s at 1024, 0.8 s at 2048, 4.5 s at 4096."""
     parallel: int = 2
     """Trainings run at the same time (one torch thread each)."""
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
+    picture_objects: int = 4
+    """Objects shown in each variant's picture."""
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule.of(self.steps)
 
 
-def scene_command(scene: Path, cfg: AblationConfig) -> List[str]:
-    return [str(BIN / "trace3d-scene"), "--out", str(scene), "--views", str(cfg.views), "--size", str(cfg.size),
-            "--objects", str(cfg.objects), "--seed", str(cfg.scene_seed), "--sam-like-masks", "--overwrite"]
+def ablation_config(**overrides) -> AblationConfig:
+    """``AblationConfig`` with the given fields replaced (None values are ignored); checks them."""
+    cfg = AblationConfig(**{k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(cfg.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; known: {sorted(VARIANTS)}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        raise ValueError(f"seeds must be distinct non-negative integers, got {cfg.seeds}")
+    cfg.schedule  # raises for too few steps
+    return cfg
+
+
+def scene_dir(work: Path, seed: int) -> Path:
+    return work / f"scene_s{seed}"
+
+
+def scene_command(scene: Path, cfg: AblationConfig, seed: int) -> List[str]:
+    return [str(BIN / "trace3d-scene"), "--out", str(scene), "--views", str(cfg.views), "--test-every",
+            str(cfg.test_every), "--size", str(cfg.size), "--objects", str(cfg.objects), "--seed", str(seed),
+            "--clutter", "--sam-like-masks", "--overwrite"]
 
 
 def cpu_train_command(data: Path, outputs: Path, experiment: str, name: str, steps: int, seed: int) -> List[str]:
@@ -116,22 +193,27 @@ def cpu_train_command(data: Path, outputs: Path, experiment: str, name: str, ste
     ]
 
 
-def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, variant: Variant) -> List[str]:
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}_s{seed}"
+
+
+def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, variant: Variant, seed: int = 0) -> List[str]:
     """The ``ns-train`` command of one run (its mask cache in ``work/cache_<name>``)."""
+    s = cfg.schedule
     flags = [
-        "--pipeline.git-step", str(cfg.git_step) if variant.git else "-1",
+        "--pipeline.git-step", str(s.git_step) if variant.git else "-1",
         "--pipeline.use-consistent-labels", str(variant.consistent_labels),
     ]
     if variant.density_control:
-        flags += ["--pipeline.density.cycles", str(cfg.cycles), "--pipeline.density.start-step", str(cfg.stop_split_at),
-                  "--pipeline.density.every", str(cfg.every)]
+        flags += ["--pipeline.density.cycles", str(s.cycles), "--pipeline.density.start-step", str(s.git_step),
+                  "--pipeline.density.every", str(s.every)]
     else:
         flags += ["--pipeline.density.cycles", "0"]
     return [
-        *cpu_train_command(scene, work / "outputs", EXPERIMENT, name, cfg.steps, cfg.train_seed),
-        "--pipeline.model.num-downscales", "0", "--pipeline.model.warmup-length", str(cfg.warmup),
-        "--pipeline.model.stop-split-at", str(cfg.stop_split_at),
-        "--pipeline.model.feature-start-step", str(cfg.git_step),
+        *cpu_train_command(scene, work / "outputs", EXPERIMENT, name, cfg.steps, seed),
+        "--pipeline.model.num-downscales", "0", "--pipeline.model.warmup-length", str(s.warmup),
+        "--pipeline.model.stop-split-at", str(s.stop_split_at),
+        "--pipeline.model.feature-start-step", str(s.feature_start),
         "--pipeline.model.contrastive-samples", str(cfg.contrastive_samples),
         "--pipeline.datamanager.mask-source", "folder", "--pipeline.datamanager.folder.directory", "sam_masks",
         "--pipeline.datamanager.cache-dir", str(work / f"cache_{name}"),
@@ -143,6 +225,7 @@ def run_dir(work: Path, name: str) -> Path:
     return work / "outputs" / EXPERIMENT / "trace3d" / name
 
 
+# ---- measuring ----------------------------------------------------------------------------------
 def _ambiguous_fraction(traces, config) -> float:
     from trace3d_ns.git.ambiguity import ambiguity_scores
 
@@ -150,29 +233,30 @@ def _ambiguous_fraction(traces, config) -> float:
     return float((score[seen > 0] > config.threshold).float().mean())
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(-10 * torch.log10(torch.mean((a - b) ** 2)))
-
-
-def _extraction_record(scores: Dict) -> Dict:
+def _selection_record(scores: Dict, objects: Dict[str, Dict]) -> Dict:
+    """The headline metrics and per-object scores of one ``evaluate`` result."""
     ext = scores["object_extraction"]
     return {
-        "mean_iou": ext["mean_iou"],
-        "mean_iou_visible": ext["mean_iou_visible"],
-        "mean_psnr": ext["mean_psnr"],
-        "novel_view_miou": scores["novel_view_segmentation"]["miou"],
+        **scores["metrics"],
+        "object_iou": ext["mean_iou"],
+        "object_iou_visible": ext["mean_iou_visible"],
+        "object_psnr": ext["mean_psnr"],
         "foreground_miou": scores["foreground"]["miou"],
         "foreground_macc": scores["foreground"]["macc"],
-        "num_objects": ext["num_objects"],
-        "per_object": {k: {"iou": o["iou"], "iou_visible": o["iou_visible"], "psnr": o["psnr"], "selected": o["num_selected"]}
-                       for k, o in scores["objects"].items()},
+        "num_objects": ext["num_objects_amodal"],
+        "per_object": {
+            k: {"iou_amodal": o["iou_amodal"], "biou": o["biou"], "iou": o["iou"], "iou_visible": o["iou_visible"],
+                "selected": o["num_selected"], **objects.get(k, {})}
+            for k, o in scores["objects"].items()
+        },
     }
 
 
 @torch.no_grad()
-def measure_run(config_path: Path, scene: Path) -> Dict:
-    """Counts, ambiguity, the evaluation harness's metrics and test PSNR of one trained run."""
+def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, picture_objects: int = 4) -> Dict:
+    """Counts, ambiguity and the evaluation harness's metrics of one trained run (and its picture)."""
     from nerfstudio.utils.eval_utils import eval_setup
+    from trace3d_ns.benchmarks.pictures import extraction_picture, picture_subjects
     from trace3d_ns.evaluation.ground_truth import find_ground_truth, pipeline_views
     from trace3d_ns.evaluation.harness import Settings, evaluate
     from trace3d_ns.git.ambiguity import AmbiguityConfig
@@ -185,33 +269,34 @@ def measure_run(config_path: Path, scene: Path) -> Dict:
     train, test, _ = pipeline_views(pipeline, find_ground_truth(scene))
     if len(train) != len(pipeline.datamanager.train_dataset):
         raise RuntimeError("every training view needs a ground-truth instance map")
-    ambiguity = AmbiguityConfig(min_weight=pipeline.config.density.min_weight)
+    meta = json.loads((scene / "scene.json").read_text())
+    objects = {str(o["id"]): {"shape": o["shape"], "role": o["role"]} for o in meta["objects"]}
+    density = pipeline.config.density
+    ambiguity = AmbiguityConfig(gamma=density.gamma, threshold=density.theta_as, min_weight=density.min_weight)
 
     result = pipeline.run_instance_tracing(step=step)  # fresh traces, consistent instances and labels
     consistent = model.instance_traces.remap_patches(result.patch_to_global)
     gt_maps = [torch.from_numpy(v.gt) for v in train]
     gt_traces = trace_model(model, pipeline.datamanager.train_dataset.cameras, gt_maps, pipeline.config.trace, progress=False)
 
-    selection = {mode: _extraction_record(evaluate(model, train, test, True, replace(Settings(), mode=mode)))
-                 for mode in ("feature", "instance")}
-    start = time.perf_counter()
-    num_clusters = int(pipeline.label_from_features().max())  # labels from the features instead of GIT
-    cluster_s = time.perf_counter() - start
-    selection["feature_clusters"] = _extraction_record(evaluate(model, train, test, True, replace(Settings(), mode="instance")))
-    selection["feature_clusters"].update(num_clusters=num_clusters, clustering_s=cluster_s)
-    psnrs = [_psnr(model.get_outputs_for_camera(v.camera)["rgb"].cpu(), v.image.cpu()) for v in test]
-    return {
+    settings = {mode: Settings(mode=mode) for mode in ("feature", "instance")}
+    selection = {mode: _selection_record(evaluate(model, train, test, True, s), objects) for mode, s in settings.items()}
+    out = {
         "step": step,
         "num_gaussians": num_gaussians,
         "ambiguous_fraction_consistent": _ambiguous_fraction(consistent, ambiguity),
         "ambiguous_fraction_gt": _ambiguous_fraction(gt_traces, ambiguity),
         "num_instances": result.stats.num_instances,
         "selection": selection,
-        "test_psnr": float(np.mean(psnrs)),
-        "test_psnr_per_view": dict(zip([v.name for v in test], psnrs)),
     }
+    if picture is not None:
+        view, ids = picture_subjects(test, meta, picture_objects)
+        extraction_picture(model, train, view, ids, settings["feature"], picture, title=config_path.parent.name)
+        out["picture"] = str(picture)
+    return out
 
 
+# ---- running ------------------------------------------------------------------------------------
 def single_thread_env() -> Dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -235,96 +320,189 @@ def is_trained(run: Path, steps: int, command: List[str]) -> bool:
     return checkpoint.is_file() and record.is_file() and record.read_text() == " ".join(command)
 
 
-def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path]) -> None:
+def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path]) -> Dict[str, float]:
     """Run the training commands, ``parallel`` at a time, and record each finished run's command in
-    its folder (``runs[name]``); raises naming the log of a failed run."""
-    pending, running = list(commands), {}
+    its folder (``runs[name]``); raises naming the log of a failed run. Returns each run's wall time (s)."""
+    pending, running, wall = list(commands), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             name = pending.pop(0)
             log = (work / f"train_{name}.log").open("w")
             running[name] = (subprocess.Popen(commands[name], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                              env=single_thread_env()), log)
-        for name, (proc, log) in list(running.items()):
+                                              env=single_thread_env()), log, time.perf_counter())
+        for name, (proc, log, started) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[name]
             if proc.returncode != 0:
-                for other, _ in running.values():
+                for other, _, _ in running.values():
                     other.kill()
                 raise RuntimeError(f"ns-train ({name}) failed, see {work / f'train_{name}.log'}")
+            wall[name] = time.perf_counter() - started
             command_record(runs[name]).write_text(" ".join(commands[name]))
         time.sleep(1.0)
+    return wall
+
+
+def prepare_scenes(work: Path, cfg: AblationConfig) -> Dict[str, str]:
+    """Generate each seed's scene unless ``work`` has it from the same command; a regenerated scene
+    drops the command records of its runs, so they train again. Returns the scene commands by name."""
+    commands: Dict[str, str] = {}
+    for seed in cfg.seeds:
+        cmd = scene_command(scene_dir(work, seed), cfg, seed)
+        commands[f"scene_s{seed}"] = " ".join(cmd)
+        record = scene_dir(work, seed) / "scene_command.txt"
+        if not (record.is_file() and record.read_text() == " ".join(cmd)):
+            for variant in VARIANTS:  # runs on a previous scene of this seed are not reused
+                command_record(run_dir(work, run_name(variant, seed))).unlink(missing_ok=True)
+            run_logged(cmd, work, work / f"scene_s{seed}.log")
+            record.write_text(" ".join(cmd))
+    return commands
 
 
 def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = None) -> Dict:
-    """Generate the scene, train the variants (those not trained yet), measure them. JSON-ready result."""
+    """Generate the scenes, train the runs not trained yet, measure them all. JSON-ready result."""
     cfg = cfg or AblationConfig()
-    unknown = sorted(set(cfg.variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown ablation variants {unknown}; known: {sorted(VARIANTS)}")
+    ablation_config(**asdict(cfg))  # checks the fields
     work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="trace3d-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     start = time.perf_counter()
 
-    scene = work / "scene"
-    commands = {"scene": scene_command(scene, cfg)}
-    if not (scene / "transforms.json").is_file():
-        run_logged(commands["scene"], work, work / "scene.log")
-    train = {name: train_command(scene, work, name, cfg, VARIANTS[name]) for name in cfg.variants}
-    commands.update({f"train_{k}": v for k, v in train.items()})
+    commands = prepare_scenes(work, cfg)
+    train = {run_name(v, seed): train_command(scene_dir(work, seed), work, run_name(v, seed), cfg, VARIANTS[v], seed)
+             for seed in cfg.seeds for v in cfg.variants}  # seed-major: a finished seed is a complete comparison
+    commands.update({f"train_{k}": " ".join(v) for k, v in train.items()})
     todo = {k: v for k, v in train.items() if not is_trained(run_dir(work, k), cfg.steps, v)}
-    train_runs(todo, work, cfg.parallel, {k: run_dir(work, k) for k in todo})
+    train_wall = train_runs(todo, work, cfg.parallel, {k: run_dir(work, k) for k in todo})
     train_s = time.perf_counter() - start
 
-    out: Dict = {"config": asdict(cfg), "work_dir": str(work), "trained": sorted(todo),
-                 "commands": {k: " ".join(v) for k, v in commands.items()}, "runs": {}}
-    for name in cfg.variants:
-        out["runs"][name] = {"variant": asdict(VARIANTS[name]), **measure_run(run_dir(work, name) / "config.yml", scene)}
-        cycles = run_dir(work, name) / "density_control.json"
-        if cycles.is_file():
-            out["runs"][name]["density_cycles"] = json.loads(cycles.read_text())
+    out: Dict = {"config": asdict(cfg), "schedule": asdict(cfg.schedule), "work_dir": str(work), "trained": sorted(todo),
+                 "train_wall_s_per_run": train_wall, "commands": commands, "runs": {}}
+    for variant in cfg.variants:
+        out["runs"][variant] = {}
+        for seed in cfg.seeds:
+            name = run_name(variant, seed)
+            picture = work / "pictures" / f"ablation_{variant}.png" if seed == cfg.seeds[0] else None
+            record = {"variant": asdict(VARIANTS[variant]), "seed": seed,
+                      **measure_run(run_dir(work, name) / "config.yml", scene_dir(work, seed), picture, cfg.picture_objects)}
+            cycles = run_dir(work, name) / "density_control.json"
+            if cycles.is_file():
+                record["density_cycles"] = json.loads(cycles.read_text())
+            out["runs"][variant][str(seed)] = record
     out["summary"] = summary(out["runs"])
+    if "no_git" in out["runs"]:
+        out["delta_vs_no_git"] = deltas(out["runs"], "no_git")
+    out["pictures"] = {v: r[str(cfg.seeds[0])]["picture"] for v, r in out["runs"].items()}
     out["train_wall_s"] = train_s
     out["total_wall_s"] = time.perf_counter() - start
     return out
 
 
-SUMMARY_FIELDS = {
+# ---- summary ------------------------------------------------------------------------------------
+HEADLINE = ("object_iou_amodal", "object_biou", "novel_view_miou", "test_psnr")
+"""The issue's four metrics (feature selection)."""
+
+SUMMARY_FIELDS: Dict[str, Callable[[Dict], Optional[float]]] = {
+    **{name: (lambda r, n=name: r["selection"]["feature"][n]) for name in HEADLINE},
+    "object_iou_amodal_instance": lambda r: r["selection"]["instance"]["object_iou_amodal"],
+    "object_biou_instance": lambda r: r["selection"]["instance"]["object_biou"],
+    "novel_view_miou_instance": lambda r: r["selection"]["instance"]["novel_view_miou"],
+    "object_iou_modal": lambda r: r["selection"]["feature"]["object_iou"],
     "num_gaussians": lambda r: r["num_gaussians"],
     "ambiguous_fraction_consistent": lambda r: r["ambiguous_fraction_consistent"],
     "ambiguous_fraction_gt": lambda r: r["ambiguous_fraction_gt"],
-    "object_iou_feature": lambda r: r["selection"]["feature"]["mean_iou"],
-    "object_iou_visible_feature": lambda r: r["selection"]["feature"]["mean_iou_visible"],
-    "object_psnr_feature": lambda r: r["selection"]["feature"]["mean_psnr"],
-    "object_iou_instance": lambda r: r["selection"]["instance"]["mean_iou"],
-    "object_iou_visible_instance": lambda r: r["selection"]["instance"]["mean_iou_visible"],
-    "object_psnr_instance": lambda r: r["selection"]["instance"]["mean_psnr"],
-    "object_iou_visible_feature_clusters": lambda r: r["selection"]["feature_clusters"]["mean_iou_visible"],
-    "test_psnr": lambda r: r["test_psnr"],
 }
 
 
-def summary(runs: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
-    """Headline numbers: field -> variant -> value."""
-    return {key: {name: get(run) for name, run in runs.items()} for key, get in SUMMARY_FIELDS.items()}
+def _stats(values: Dict[str, Optional[float]]) -> Dict:
+    """mean, sample std (0 for one value) and the values by seed; None-valued seeds are left out of the statistics."""
+    finite = [float(v) for v in values.values() if v is not None and math.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else None
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else (0.0 if finite else None)
+    return {"mean": mean, "std": std, "values": values}
+
+
+def summary(runs: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict[str, Dict]]:
+    """variant -> metric -> {mean, std, values {seed: value}} (``runs``: variant -> seed -> run)."""
+    return {variant: {key: _stats({seed: get(run) for seed, run in by_seed.items()}) for key, get in SUMMARY_FIELDS.items()}
+            for variant, by_seed in runs.items()}
+
+
+def deltas(runs: Dict[str, Dict[str, Dict]], baseline: str) -> Dict[str, Dict[str, Dict]]:
+    """variant -> metric -> statistics of the per-seed difference to ``baseline`` (paired by seed)."""
+    out = {}
+    for variant, by_seed in runs.items():
+        if variant == baseline:
+            continue
+        out[variant] = {}
+        for key, get in SUMMARY_FIELDS.items():
+            diff = {}
+            for seed, run in by_seed.items():
+                a, b = get(run), get(runs[baseline][seed]) if seed in runs[baseline] else None
+                diff[seed] = None if a is None or b is None else a - b
+            out[variant][key] = _stats(diff)
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, size_flag: bool = True, views_flag: bool = True) -> None:
+    """The ablation's override flags (defaults: ``AblationConfig``, the benchmark's settings);
+    ``size_flag`` / ``views_flag`` False where the caller defines ``--size`` / ``--views`` itself."""
+    d = AblationConfig()
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {d.steps})")
+    if size_flag:
+        parser.add_argument("--size", type=int, default=None, help=f"image side in pixels (default {d.size})")
+    parser.add_argument("--seeds", type=_int_list, default=None,
+                        help=f"comma-separated seeds (default {','.join(map(str, d.seeds))})")
+    if views_flag:
+        parser.add_argument("--views", type=int, default=None, help=f"views per scene (default {d.views})")
+    parser.add_argument("--objects", type=int, default=None, help=f"objects per scene (default {d.objects})")
+    parser.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=None,
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--parallel", type=int, default=None, help=f"trainings at a time (default {d.parallel})")
+
+
+def config_from_args(args: argparse.Namespace) -> AblationConfig:
+    return ablation_config(steps=args.steps, size=args.size, seeds=args.seeds, views=args.views,
+                           objects=args.objects, variants=args.variants, parallel=args.parallel)
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trace3d_ns.benchmarks.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary folder)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=AblationConfig.steps, help="training steps per run")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = AblationConfig(steps=args.steps, variants=[v for v in args.variants.split(",") if v])
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     result = run_ablation(args.work, cfg)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=2))
+    write_result(result, args.out)
+    print(json.dumps({v: {m: s[m]["mean"] for m in HEADLINE} for v, s in result["summary"].items()}, indent=2))
     return 0
+
+
+def write_result(result: Dict, out: Path) -> None:
+    """The JSON at ``out`` and the pictures beside it (``ablation_<variant>.png``, paths updated)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for variant, path in result.get("pictures", {}).items():
+        target = out.parent / Path(path).name
+        if Path(path).resolve() != target.resolve():
+            shutil.copyfile(path, target)
+        result["pictures"][variant] = str(target)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

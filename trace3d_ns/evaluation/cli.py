@@ -8,7 +8,9 @@ Usage::
 
 It loads the pipeline with nerfstudio's ``eval_setup(config, test_mode="test")``, matches the ground
 truth to the training and test images (``trace3d_ns.evaluation.ground_truth``), runs the protocol
-of ``trace3d_ns.evaluation.harness`` on the test views, writes the JSON and prints a summary. User
+of ``trace3d_ns.evaluation.harness`` on the test views, writes the JSON (its ``metrics`` holds the
+headline numbers: ``object_iou_amodal``, ``object_biou``, ``novel_view_miou``, ``test_psnr``; the
+first two need ``gt_amodal/`` beside ``gt_instances/``) and prints a summary. User
 errors (missing files, unmatched ground truth, a mode the checkpoint cannot do) exit with code 2
 and a single line on stderr.
 """
@@ -93,9 +95,13 @@ def summary(result: Dict) -> str:
         ext = result["object_extraction"]
         lines.append(f"object extraction (a): mean IoU {_fmt(ext['mean_iou'])} alone, {_fmt(ext['mean_iou_visible'])} visible, "
                      f"mean PSNR {_fmt(ext['mean_psnr'], 2)} dB over {ext['num_objects']} objects")
+        if ext["num_objects_amodal"]:
+            lines.append(f"3D extraction (amodal GT): mean IoU {_fmt(ext['mean_iou_amodal'])}, boundary IoU "
+                         f"{_fmt(ext['mean_biou'])} over {ext['num_objects_amodal']} objects")
         lines.append(f"novel-view segmentation (b): mIoU {_fmt(result['novel_view_segmentation']['miou'])}")
     fg = result["foreground"]
     lines.append(f"foreground (c, NVOS): mIoU {_fmt(fg['miou'])}, mAcc {_fmt(fg['macc'])}")
+    lines.append(f"test PSNR: {_fmt(result['test_psnr']['mean'], 2)} dB")
     return "\n".join(lines)
 
 

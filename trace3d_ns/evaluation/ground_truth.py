@@ -3,7 +3,9 @@
 Three kinds, detected from the folder given with ``--gt`` (or forced with ``--kind``):
 
 - ``instances``: ``<dir>/gt_instances/<image stem>.png``, uint16 instance ids, 0 = background
-  (what ``trace3d-scene`` writes). Objects are the nonzero ids.
+  (what ``trace3d-scene`` writes). Objects are the nonzero ids. Beside it, ``<dir>/gt_amodal/<id>/
+  <image stem>.png`` (8-bit, foreground > 127), where present, is object ``id`` alone: its whole
+  silhouette with nothing hidden by other objects (``trace3d-scene`` writes it for the test views).
 - ``foreground``: ``<dir>/gt_masks/<NNN>.png``, 8-bit, foreground = value > 127 (DTU: 255).
 - ``alpha``: a Blender-format scene (``transforms_train.json``...) with RGBA images; foreground =
   alpha > 127 of each image file itself.
@@ -36,6 +38,7 @@ GTKind = Literal["instances", "foreground", "alpha"]
 KindChoice = Literal["auto", "instances", "foreground", "alpha"]
 
 INSTANCES_DIR = "gt_instances"
+AMODAL_DIR = "gt_amodal"
 FOREGROUND_DIR = "gt_masks"
 BLENDER_TRANSFORMS = ("transforms_train.json", "transforms_test.json", "transforms_val.json")
 MASK_SUFFIXES = (".png",)
@@ -57,6 +60,7 @@ class GroundTruth:
     folder: Path
     _by_stem: Dict[str, Path] = field(default_factory=dict, repr=False)
     _by_number: Dict[int, Path] = field(default_factory=dict, repr=False)
+    _amodal: Dict[int, "GroundTruth"] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind == "alpha":
@@ -66,6 +70,26 @@ class GroundTruth:
                 self._by_stem[path.stem] = path
                 if path.stem.isdigit():
                     self._by_number.setdefault(int(path.stem), path)
+        amodal = self.folder.parent / AMODAL_DIR
+        if self.kind == "instances" and amodal.is_dir():
+            for sub in sorted(amodal.iterdir()):
+                if sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0:
+                    self._amodal[int(sub.name)] = GroundTruth("foreground", sub)
+
+    @property
+    def has_amodal(self) -> bool:
+        """True when per-object amodal masks (``gt_amodal/``) were found beside the instance maps."""
+        return bool(self._amodal)
+
+    def load_amodal(self, image: Path, width: int, height: int) -> Optional[Dict[int, np.ndarray]]:
+        """Each object's amodal mask for `image` at width x height ({object id: [H, W] bool}, the
+        objects that have a file for it), or None if no object has one (e.g. a training view)."""
+        masks = {}
+        for object_id, folder in self._amodal.items():
+            labels = folder.load(image, width, height)
+            if labels is not None:
+                masks[object_id] = labels > 0
+        return masks or None
 
     @property
     def has_objects(self) -> bool:
@@ -174,6 +198,7 @@ class View:
     camera: Any  # nerfstudio Cameras of shape (1,)
     gt: np.ndarray  # [H, W] int64: instance ids, or 1 = foreground
     image: Optional[Tensor] = None  # [H, W, 3] float in [0, 1] (test views, for the PSNR)
+    amodal: Optional[Dict[int, np.ndarray]] = None  # object id -> [H, W] bool: the object alone
 
 
 def pipeline_views(pipeline: Any, gt: GroundTruth) -> Tuple[List[View], List[View], List[str]]:
@@ -208,7 +233,8 @@ def _split_views(
             missing.append(name)
             continue
         image = None if images is None else _rgb(images[i])
-        views.append(View(name=name, camera=cams[i : i + 1], gt=labels, image=image))
+        amodal = gt.load_amodal(path, *sizes[i]) if gt.has_amodal else None
+        views.append(View(name=name, camera=cams[i : i + 1], gt=labels, image=image, amodal=amodal))
     return views, missing
 
 

@@ -17,16 +17,24 @@ Definitions (all pixels are at the camera's full resolution; masks are boolean [
   ``subset_share(selection) > 0.5``, the selection's share of the full render's alpha * T, so
   occluders in front of it hide it as they do in the image. The GT masks are visible (modal) parts.
 - **Object extraction (a)**: per object and test view where the object is visible in the GT,
-  ``iou`` = IoU of the alone silhouette with the GT mask (3D extraction; a view where another
-  object hides part of it costs IoU, the authors skip such views), ``iou_visible`` = IoU of the
-  visible silhouette, and PSNR inside the GT mask's box padded by 10 px between (pred) the selected
-  Gaussians' RGB rendered alone over black (colour composited over a black background: the
-  premultiplied render) and (GT) the test image with every pixel outside the GT mask set to black.
-  Per object: means over those views; then means over the objects. (A perfect, infinite PSNR
-  would be recorded as null and left out of the means.)
+  ``iou`` = IoU of the alone silhouette with the GT mask (a view where another object hides part
+  of it costs IoU, the authors skip such views), ``iou_visible`` = IoU of the visible silhouette,
+  and PSNR inside the GT mask's box padded by 10 px between (pred) the selected Gaussians' RGB
+  rendered alone over black (colour composited over a black background: the premultiplied render)
+  and (GT) the test image with every pixel outside the GT mask set to black. Per object: means over
+  those views; then means over the objects. (A perfect, infinite PSNR would be recorded as null and
+  left out of the means.)
+- **3D extraction, amodal** (where the ground truth has ``gt_amodal/``, the object ray cast alone):
+  per object and every test view where the object is in frame (its amodal mask is not empty; no
+  view is skipped, nothing is hidden by other objects), ``iou_amodal`` = IoU of the alone
+  silhouette with the amodal mask and ``biou`` = their boundary IoU (``metrics.boundary_iou``:
+  contour bands of width 2% of the image diagonal). Per object: means over those views (``views_
+  amodal``); then means over the objects: ``object_iou_amodal`` and ``object_biou``.
 - **Novel-view 2D segmentation (b)**: mIoU = mean over GT objects of the object's mean
   ``iou_visible`` over the test views where it is visible (an object that cannot be prompted
   scores 0).
+- **Test PSNR**: PSNR of the model's full render (its eval background) against each test image,
+  averaged over the test views (``test_psnr``).
 - **Foreground (c)**: prediction = visible silhouette of the union selection; NVOS mIoU =
   TP/(TP+FP+FN) and mAcc = (TP+TN)/pixels per test view, averaged over the test views. With
   instance ground truth the foreground is every object (id > 0) and the selection is the union of
@@ -48,7 +56,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from trace3d_ns.evaluation.ground_truth import View
-from trace3d_ns.evaluation.metrics import box_psnr, mask_iou, nvos_metrics
+from trace3d_ns.evaluation.metrics import box_psnr, boundary_iou, mask_iou, nvos_metrics
 from trace3d_ns.rendering import Contributions, rasterize
 from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
@@ -237,6 +245,32 @@ def object_view_scores(
     }
 
 
+def evaluate_amodal(model, mask: Tensor, object_id: int, test: Sequence[View]) -> Dict[str, Dict[str, float]]:
+    """IoU and boundary IoU of the selection rendered alone against the object rendered alone, on
+    every test view with amodal ground truth where the object is in frame."""
+    per_view = {}
+    for view in test:
+        gt = None if view.amodal is None else view.amodal.get(object_id)
+        if gt is None or not gt.any():
+            continue
+        alone = silhouette(model, view.camera, mask)
+        per_view[view.name] = {"iou": mask_iou(alone, gt), "biou": boundary_iou(alone, gt)}
+    return per_view
+
+
+@torch.no_grad()
+def full_render_psnr(model, test: Sequence[View]) -> Dict:
+    """PSNR of the full render against each test image ({"mean", "per_view"}; mean None without images)."""
+    per_view = {}
+    for view in test:
+        if view.image is None:
+            continue
+        rgb = model.get_outputs(view.camera.to(model.device))["rgb"].clamp(0.0, 1.0)  # [H, W, 3]
+        mse = float(torch.mean((rgb - view.image.to(rgb.device)) ** 2))
+        per_view[view.name] = None if mse == 0 else -10.0 * math.log10(mse)
+    return {"mean": _mean(list(per_view.values())), "per_view": per_view}
+
+
 def foreground_scores(preds: Sequence[np.ndarray], test: Sequence[View]) -> Dict:
     """NVOS mIoU / mAcc of visible silhouettes `preds` (one per test view) against GT foreground (label > 0)."""
     scores = nvos_metrics(list(preds), [v.gt > 0 for v in test])
@@ -288,8 +322,12 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
 
     result: Dict = {"mode": resolved, "threshold": settings.threshold, "num_gaussians": model.num_points}
     result["test_views"] = [v.name for v in test]
+    psnr = full_render_psnr(model, test)
+    result["test_psnr"] = psnr
+    metrics = result["metrics"] = {"test_psnr": psnr["mean"]}
     if has_objects:
-        ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0})
+        amodal_ids = {i for v in test if v.amodal is not None for i in v.amodal}
+        ids = sorted({int(i) for v in [*train, *test] for i in np.unique(v.gt) if i > 0} | amodal_ids)
         union = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
         selections: Dict[int, Selected] = {}
         for object_id in ids:
@@ -300,14 +338,19 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
         objects = {}
         for object_id, sel in selections.items():
             per_view = per_object[object_id]
+            amodal = evaluate_amodal(model, sel.mask, object_id, test)
             objects[str(object_id)] = {
                 **_selection_record(sel, train),
                 "views": per_view,
                 "iou": _mean([s["iou"] for s in per_view.values()]),
                 "iou_visible": _mean([s["iou_visible"] for s in per_view.values()]),
                 "psnr": _mean([s["psnr"] for s in per_view.values()]),
+                "views_amodal": amodal,
+                "iou_amodal": _mean([s["iou"] for s in amodal.values()]),
+                "biou": _mean([s["biou"] for s in amodal.values()]),
             }
         scored = [o for o in objects.values() if o["views"]]
+        in_frame = [o for o in objects.values() if o["views_amodal"]]
         result["objects"] = objects
         result["object_extraction"] = {
             "num_objects": len(scored),
@@ -315,11 +358,19 @@ def evaluate(model, train: Sequence[View], test: Sequence[View], has_objects: bo
             "mean_iou_visible": _mean([o["iou_visible"] for o in scored]),
             "mean_psnr": _mean([o["psnr"] for o in scored]),
             "not_in_test_views": [k for k, o in objects.items() if not o["views"]],
+            "mean_iou_amodal": _mean([o["iou_amodal"] for o in in_frame]),
+            "mean_biou": _mean([o["biou"] for o in in_frame]),
+            "num_objects_amodal": len(in_frame),
         }
         result["novel_view_segmentation"] = {
             "miou": result["object_extraction"]["mean_iou_visible"],
             "num_objects": len(scored),
         }
+        metrics.update(
+            object_iou_amodal=result["object_extraction"]["mean_iou_amodal"],
+            object_biou=result["object_extraction"]["mean_biou"],
+            novel_view_miou=result["novel_view_segmentation"]["miou"],
+        )
         result["foreground"] = {"selection": "union of the object selections", **foreground_scores(preds, test)}
     else:
         masks = [v.gt > 0 for v in train]

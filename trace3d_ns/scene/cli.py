@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace3d-scene",
         description="Ray-cast a textured multi-object demo scene (images, poses, seed points, "
-        "GT instance ids, optional SAM-like masks) in nerfstudio-data format.",
+        "GT instance ids, objects cast alone on the test views, optional SAM-like masks) in nerfstudio-data format.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--objects", type=_bounded_int("num_objects"), default=d.num_objects, help="number of objects")
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--supersample", type=_bounded_int("supersample"), default=d.supersample, help="anti-aliasing rays per axis"
     )
     parser.add_argument("--sam-like-masks", action="store_true", help="also write sam_masks/<stem>.npy")
+    parser.add_argument(
+        "--clutter",
+        action="store_true",
+        help="cluttered layout (meant for 8-12 objects): objects touch, stack and lean on each other, some share a "
+        "texture across their contact, tables and lamps have thin parts",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty directory that is not a previous scene"
     )
@@ -67,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_points=args.points,
         sam_like_masks=args.sam_like_masks,
         supersample=args.supersample,
+        clutter=args.clutter,
     )
     start = time.perf_counter()
     try:
@@ -76,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_test = len(spec.test_indices())
     print(
         f"wrote {out}: {spec.num_views} views ({spec.num_views - num_test} train, {num_test} test), "
-        f"{spec.num_objects} objects, {spec.image_size}px in {time.perf_counter() - start:.1f}s"
+        f"{spec.num_objects} {'cluttered ' if spec.clutter else ''}objects, {spec.image_size}px in {time.perf_counter() - start:.1f}s"
     )
 
 

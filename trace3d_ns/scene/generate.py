@@ -1,9 +1,15 @@
 """Procedural demo scene for Trace3D: textured primitives on a ground plane, ray cast with embree.
 
 The generator writes a nerfstudio-format dataset (``images/``, ``transforms.json``, ``sparse_pc.ply``),
-per-pixel ground-truth instance ids (``gt_instances/``), metadata (``scene.json``) and optionally masks
-that imitate SAM's cross-view inconsistency (``sam_masks/``).  Rendering is an independent CPU ray
-caster (trimesh + embreex), so the data never depends on the Gaussian rasterizers under test.
+per-pixel ground-truth instance ids (``gt_instances/``), every object ray cast alone on the test views
+(``gt_amodal/<object id>/<image name>``: the object's full silhouette, nothing hidden by other
+objects, for scoring 3D extraction), metadata (``scene.json``) and optionally masks that imitate SAM's
+cross-view inconsistency (``sam_masks/``).  Rendering is an independent CPU ray caster (trimesh +
+embreex), so the data never depends on the Gaussian rasterizers under test.
+
+Two layouts: sparse (primitives on the ground, about half touching a neighbour) and cluttered
+(``SceneSpec.clutter``, :mod:`.clutter`: objects that touch, stack and lean on each other, shared
+textures across contacts, thin parts).
 
 World frame: +Z up, ground plane at z = 0.  Cameras follow the nerfstudio/OpenGL convention
 (camera-to-world matrices, the camera looks down its -Z axis with +Y up).  Every output is a
@@ -12,11 +18,10 @@ deterministic function of the :class:`SceneSpec`.
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -26,19 +31,30 @@ from PIL import Image
 from scipy import ndimage
 from trimesh.ray.ray_pyembree import RayMeshIntersector
 
+from trace3d_ns.scene.clutter import clutter_radius, sample_clutter
+from trace3d_ns.scene.objects import (
+    GROUND_CELL,
+    SHAPES,
+    Ground,
+    SceneObject,
+    primitive,
+    random_ground,
+    random_sun,
+    random_texture,
+    to_uint8,
+)
+
 GENERATOR_NAME = "trace3d_ns.scene"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 IMAGE_DIR = "images"
 GT_DIR = "gt_instances"
+AMODAL_DIR = "gt_amodal"
 SAM_DIR = "sam_masks"
 TRANSFORMS_FILE = "transforms.json"
 PLY_FILE = "sparse_pc.ply"
 SCENE_FILE = "scene.json"
-OUTPUT_NAMES = (IMAGE_DIR, GT_DIR, SAM_DIR, TRANSFORMS_FILE, PLY_FILE, SCENE_FILE)
-
-SHAPES = ("box", "sphere", "cylinder", "cone", "torus")
-PATTERNS = ("stripes", "checks", "rings")
+OUTPUT_NAMES = (IMAGE_DIR, GT_DIR, AMODAL_DIR, SAM_DIR, TRANSFORMS_FILE, PLY_FILE, SCENE_FILE)
 
 # Inclusive (min, max) bounds of the integer SceneSpec fields; None = unbounded.
 LIMITS: dict[str, tuple[int, int | None]] = {
@@ -64,10 +80,11 @@ VISIBILITY_CHECK_SIZE = 48
 MIN_VISIBLE_PIXELS = 3
 MIN_VISIBLE_VIEW_FRACTION = 0.25
 SMOOTH_ANGLE_DEG = 40.0
-GROUND_CELL = 0.25
-GROUND_TONES = np.array([[0.64, 0.61, 0.55], [0.43, 0.43, 0.41]])  # [2, 3] light / dark checker
 SKY_HORIZON = np.array([0.86, 0.90, 0.95])
 SKY_ZENITH = np.array([0.47, 0.63, 0.86])
+SHARED_TEXTURE_MERGE_P = 0.6
+"""SAM-like masks merge two touching objects that share a texture with this probability (other
+image-adjacent pairs: ``p_merge``): a pattern running across a contact hides the boundary."""
 
 # Independent random streams derived from the seed.
 _STREAM_LAYOUT, _STREAM_CAMERAS, _STREAM_POINTS, _STREAM_SAM = 1, 2, 3, 4
@@ -88,6 +105,9 @@ class SceneSpec:
     sam_like_masks: bool = False
     supersample: int = 2
     """Anti-aliasing: ``supersample**2`` rays per pixel for RGB; instance ids use the centre ray."""
+    clutter: bool = False
+    """Cluttered layout (:mod:`.clutter`; meant for 8-12 objects): objects touch, stack and lean on
+    each other, some share a texture across their contact, tables and lamps have thin parts."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` if a field is out of range."""
@@ -103,86 +123,16 @@ class SceneSpec:
 
 
 @dataclass
-class SceneObject:
-    """One textured primitive standing on the ground."""
-
-    instance_id: int
-    shape: str
-    params: dict[str, float]
-    position: np.ndarray  # [3] centre of the footprint, on the ground (z = 0)
-    yaw: float
-    base_color: np.ndarray  # [3] in [0, 1]
-    accent_color: np.ndarray  # [3] in [0, 1]
-    pattern: str
-    pattern_axis: np.ndarray  # [3] unit vector in the object frame
-    pattern_frequency: float  # pattern periods per world unit
-    mesh: trimesh.Trimesh  # world frame
-
-    def to_local(self, points: np.ndarray) -> np.ndarray:
-        """World points [R, 3] -> object frame [R, 3] (origin at the footprint centre, yaw removed)."""
-        c, s = math.cos(self.yaw), math.sin(self.yaw)
-        rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])  # [3, 3] object -> world
-        return (points - self.position) @ rot
-
-    def albedo(self, points: np.ndarray) -> np.ndarray:
-        """Procedural albedo [R, 3] at world surface points [R, 3]."""
-        local = self.to_local(points) * self.pattern_frequency  # [R, 3]
-        if self.pattern == "stripes":
-            phase = np.floor(local @ self.pattern_axis)  # [R]
-        elif self.pattern == "checks":
-            phase = np.floor(local).sum(axis=1)  # [R]
-        else:  # rings around the axis
-            radial = local - np.outer(local @ self.pattern_axis, self.pattern_axis)  # [R, 3]
-            phase = np.floor(np.linalg.norm(radial, axis=1))  # [R]
-        accent = (phase % 2.0)[:, None]  # [R, 1]
-        return self.base_color * (1.0 - accent) + self.accent_color * accent
-
-    def metadata(self) -> dict:
-        """JSON-serialisable description for ``scene.json``."""
-        lo, hi = self.mesh.bounds
-        return {
-            "id": self.instance_id,
-            "shape": self.shape,
-            "params": self.params,
-            "position": self.position.tolist(),
-            "yaw": self.yaw,
-            "color": _to_uint8(self.base_color).tolist(),
-            "accent_color": _to_uint8(self.accent_color).tolist(),
-            "pattern": self.pattern,
-            "bbox_min": lo.tolist(),
-            "bbox_max": hi.tolist(),
-        }
-
-
-@dataclass
-class Ground:
-    """Square checkered ground plane at z = 0 with low-frequency brightness variation."""
-
-    half_size: float
-    waves: np.ndarray  # [W, 4] rows (kx, ky, phase, amplitude) of the brightness noise
-
-    def mesh(self) -> trimesh.Trimesh:
-        """Two triangles facing +Z."""
-        g = self.half_size
-        vertices = np.array([[-g, -g, 0.0], [g, -g, 0.0], [g, g, 0.0], [-g, g, 0.0]])
-        return trimesh.Trimesh(vertices, np.array([[0, 1, 2], [0, 2, 3]]), process=False)
-
-    def albedo(self, points: np.ndarray) -> np.ndarray:
-        """Procedural albedo [R, 3] at ground points [R, 3]."""
-        cells = np.floor(points[:, :2] / GROUND_CELL).sum(axis=1) % 2.0  # [R]
-        tone = GROUND_TONES[cells.astype(np.int64)]  # [R, 3]
-        kx, ky, phase, amp = self.waves.T  # each [W]
-        noise = (amp * np.sin(np.outer(points[:, 0], kx) + np.outer(points[:, 1], ky) + phase)).sum(axis=1)
-        return tone * (1.0 + noise)[:, None]
-
-
-@dataclass
 class SceneLayout:
     """All geometry of a scene plus what the shader needs per face."""
 
     objects: list[SceneObject]
     ground: Ground
     light_dir: np.ndarray  # [3] unit vector towards the sun
+    contacts: list[tuple[int, int, str]] = field(default_factory=list)
+    """(object id, id of the object it was placed against, side / stack / lean) of a cluttered layout."""
+    shared_textures: list[tuple[int, int]] = field(default_factory=list)
+    """Pairs of touching objects with one texture that runs across their contact."""
 
     @cached_property
     def mesh(self) -> trimesh.Trimesh:
@@ -199,6 +149,16 @@ class SceneLayout:
         ids = [0] + [o.instance_id for o in self.objects]
         counts = [2] + [len(o.mesh.faces) for o in self.objects]
         return np.repeat(np.array(ids, dtype=np.int64), counts)
+
+    @cached_property
+    def face_part(self) -> np.ndarray:
+        """Part index within its object of every face of :attr:`mesh` [F] (0 for the ground)."""
+        return np.concatenate([np.zeros(2, dtype=np.int64)] + [o.parts() for o in self.objects])
+
+    @cached_property
+    def object_intersectors(self) -> list[RayMeshIntersector]:
+        """One embree intersector per object (in :attr:`objects` order), for casting it alone."""
+        return [RayMeshIntersector(o.mesh) for o in self.objects]
 
     @cached_property
     def corner_normals(self) -> np.ndarray:
@@ -249,6 +209,7 @@ class RenderedView:
     rgb: np.ndarray  # [S, S, 3] uint8, anti-aliased
     instances: np.ndarray  # [S, S] uint16, 0 = ground / sky
     points: np.ndarray  # [S, S, 3] world hit points of the centre rays, NaN for sky
+    parts: np.ndarray  # [S, S] int64 part of the hit object (0 for ground / sky)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,18 +237,21 @@ def generate_scene(out_dir: Path, spec: SceneSpec, overwrite: bool = False) -> P
     for name, view in zip(names, views):
         Image.fromarray(view.rgb).save(out_dir / IMAGE_DIR / name)
         Image.fromarray(view.instances).save(out_dir / GT_DIR / name)
+    in_frame = write_amodal(out_dir / AMODAL_DIR, layout, cameras, {i: names[i] for i in test})
     if spec.sam_like_masks:
         (out_dir / SAM_DIR).mkdir()
+        merge_bias = {tuple(sorted(pair)): SHARED_TEXTURE_MERGE_P for pair in layout.shared_textures}
         for i, (name, view) in enumerate(zip(names, views)):
             rng = np.random.default_rng([spec.seed, _STREAM_SAM, i])
-            masks = make_sam_like_masks(view.instances, rng, points=view.points)
+            parts = view.parts if spec.clutter else None
+            masks = make_sam_like_masks(view.instances, rng, points=view.points, parts=parts, merge_bias=merge_bias)
             np.save(out_dir / SAM_DIR / f"{Path(name).stem}.npy", masks)
 
     train_views = [v for i, v in enumerate(views) if i not in test]
     xyz, rgb = sample_seed_points(train_views, spec.num_points, np.random.default_rng([spec.seed, _STREAM_POINTS]))
     _write_ply(out_dir / PLY_FILE, xyz, rgb)
     _write_json(out_dir / TRANSFORMS_FILE, _transforms_json(cameras, names, test))
-    _write_json(out_dir / SCENE_FILE, _scene_json(spec, layout, views, names, test))
+    _write_json(out_dir / SCENE_FILE, _scene_json(spec, layout, views, names, test, in_frame))
     return out_dir
 
 
@@ -295,7 +259,8 @@ def make_cameras(spec: SceneSpec) -> Cameras:
     """Cameras on a jittered ring around the scene at varied elevations, looking at its centre."""
     rng = np.random.default_rng([spec.seed, _STREAM_CAMERAS])
     k = spec.num_views
-    distance = 1.9 * (_layout_radius(spec.num_objects) + 0.4)
+    radius = clutter_radius(spec.num_objects) if spec.clutter else _layout_radius(spec.num_objects)
+    distance = 1.9 * (radius + 0.4)
     azimuth = (np.arange(k) + rng.uniform(-0.3, 0.3, k)) * (2.0 * math.pi / k) + rng.uniform(0.0, 2.0 * math.pi)
     elevation = np.radians(rng.uniform(*ELEVATION_RANGE_DEG, k))
     radius = distance * rng.uniform(0.92, 1.08, k)
@@ -317,8 +282,9 @@ def layout_scene(spec: SceneSpec, cameras: Cameras) -> SceneLayout:
     check = cameras.at_size(min(spec.image_size, VISIBILITY_CHECK_SIZE))
     needed = max(1, math.ceil(MIN_VISIBLE_VIEW_FRACTION * spec.num_views))
     ground_half_size = 2.0 * float(np.abs(cameras.camera_to_world[:, :2, 3]).max())
+    sample = _sample_clutter_layout if spec.clutter else _sample_layout
     for _ in range(MAX_LAYOUT_ATTEMPTS):
-        layout = _sample_layout(spec.num_objects, rng, ground_half_size)
+        layout = sample(spec.num_objects, rng, ground_half_size)
         if layout is None:
             continue
         counts = np.stack([_instance_counts(layout, check, i, spec.num_objects) for i in range(spec.num_views)])
@@ -341,10 +307,36 @@ def render_view(layout: SceneLayout, cameras: Cameras, view: int, supersample: i
     colour = _shade(layout, face[shaded], points[shaded], dirs[shaded]).reshape(s * s, size, size, 3)
     face = face.reshape(len(offsets), size, size)[centre]  # [S, S]
     return RenderedView(
-        rgb=_to_uint8(colour.mean(axis=0)),
+        rgb=to_uint8(colour.mean(axis=0)),
         instances=np.where(face >= 0, layout.face_instance[face], 0).astype(np.uint16),
         points=points.reshape(len(offsets), size, size, 3)[centre],
+        parts=np.where(face >= 0, layout.face_part[face], 0),
     )
+
+
+def render_amodal(layout: SceneLayout, cameras: Cameras, view: int) -> np.ndarray:
+    """Every object ray cast alone (the other objects and the ground removed) with the centre rays
+    that make ``gt_instances``, so each visible mask lies inside its object's amodal one.
+    [N, S, S] bool, in :attr:`SceneLayout.objects` order."""
+    origins, dirs = cameras.rays(view, np.array([[0.5, 0.5]]))
+    return np.stack(
+        [hit.intersects_any(origins, dirs).reshape(cameras.size, cameras.size) for hit in layout.object_intersectors]
+    )
+
+
+def write_amodal(folder: Path, layout: SceneLayout, cameras: Cameras, views: dict[int, str]) -> dict[int, list[int]]:
+    """``folder/<object id>/<image name>`` (8-bit, 255 = the object alone covers the pixel) for every
+    object and each of ``views`` (index -> image name). Returns, per object id, the views where it is
+    in frame (its amodal mask is not empty)."""
+    in_frame: dict[int, list[int]] = {o.instance_id: [] for o in layout.objects}
+    for o in layout.objects:
+        (folder / str(o.instance_id)).mkdir(parents=True, exist_ok=True)
+    for view, name in views.items():
+        for o, mask in zip(layout.objects, render_amodal(layout, cameras, view)):
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / str(o.instance_id) / name)
+            if mask.any():
+                in_frame[o.instance_id].append(view)
+    return in_frame
 
 
 def sample_seed_points(
@@ -367,6 +359,8 @@ def make_sam_like_masks(
     rng: np.random.Generator,
     *,
     points: np.ndarray | None = None,
+    parts: np.ndarray | None = None,
+    merge_bias: dict[tuple[int, int], float] | None = None,
     p_merge: float = 0.25,
     p_split: float = 0.3,
     p_keep_whole: float = 0.5,
@@ -382,9 +376,11 @@ def make_sam_like_masks(
 
     Starting from the ground-truth instances [H, W] (0 = background), randomly: drop objects smaller
     than ``small_area_fraction`` of the image (``p_drop_small``); merge image-adjacent object pairs
-    (``p_merge`` per pair); split objects in two by a random plane through their centroid
-    (``p_split``), in 3D if ``points`` [H, W, 3] (world hit points, NaN = sky) is given, else in the
-    image plane, also emitting the whole object with ``p_keep_whole`` (overlapping granularities);
+    (``p_merge`` per pair, or ``merge_bias[(a, b)]`` for ids a < b); split objects (``p_split``) into
+    their parts if ``parts`` [H, W] (part index of each pixel's object) shows several, else in two by
+    a random plane through their centroid, in 3D if ``points`` [H, W, 3] (world hit points, NaN = sky)
+    is given, else in the image plane, also emitting the whole object with ``p_keep_whole``
+    (overlapping granularities);
     dilate or erode each mask by up to ``max_jitter_px`` pixels (``p_jitter``); add up to
     ``max_ground_regions`` large background regions (``p_ground``).  Masks smaller than
     ``min_mask_pixels`` are dropped and the rest shuffled, so mask order carries no instance id.
@@ -403,11 +399,17 @@ def make_sam_like_masks(
     ids = [i for i in ids if (gt_instances == i).sum() >= small or rng.random() >= p_drop_small]
 
     masks: list[np.ndarray] = []  # each [H, W] bool
-    for group in _merge_neighbours(gt_instances, ids, rng, p_merge):
+    for group in _merge_neighbours(gt_instances, ids, rng, p_merge, merge_bias or {}):
         whole = np.isin(gt_instances, group)  # [H, W]
-        parts = _split_by_plane(whole, coords, rng) if len(group) == 1 and rng.random() < p_split else []
-        masks.extend(parts)
-        if not parts or rng.random() < p_keep_whole:
+        pieces = []
+        if len(group) == 1 and rng.random() < p_split:
+            part_ids = np.unique(parts[whole]) if parts is not None else []
+            if len(part_ids) > 1:
+                pieces = [whole & (parts == k) for k in part_ids]
+            else:
+                pieces = _split_by_plane(whole, coords, rng)
+        masks.extend(pieces)
+        if not pieces or rng.random() < p_keep_whole:
             masks.append(whole)
     if rng.random() < p_ground:
         masks.extend(_ground_regions(gt_instances, coords, rng, max_ground_regions))
@@ -426,10 +428,20 @@ def _layout_radius(num_objects: int) -> float:
     return 0.35 + 0.38 * math.sqrt(num_objects)
 
 
+def _sample_clutter_layout(num_objects: int, rng: np.random.Generator, ground_half_size: float) -> SceneLayout | None:
+    """A cluttered layout (:mod:`.clutter`); None if an object found no room."""
+    built = sample_clutter(num_objects, rng, clutter_radius(num_objects))
+    if built is None:
+        return None
+    objects = [item.obj for item in built.items]
+    ground = random_ground(rng, ground_half_size)
+    return SceneLayout(objects, ground, random_sun(rng), built.contacts, built.shared)
+
+
 def _sample_layout(num_objects: int, rng: np.random.Generator, ground_half_size: float) -> SceneLayout | None:
     """Sample shapes, colours, textures and non-overlapping positions; None if placement failed."""
     shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(max(num_objects, len(SHAPES)))][:num_objects]
-    local = [_primitive(shape, rng) for shape in shapes]
+    local = [primitive(shape, rng) for shape in shapes]
     yaws = rng.uniform(0.0, 2.0 * math.pi, num_objects)
     footprints = [float(np.linalg.norm(m.vertices[:, :2], axis=1).max()) for m, _ in local]
     positions = _place_footprints(footprints, rng, _layout_radius(num_objects))
@@ -441,8 +453,7 @@ def _sample_layout(num_objects: int, rng: np.random.Generator, ground_half_size:
         position = np.array([pos[0], pos[1], 0.0])
         transform = trimesh.transformations.rotation_matrix(yaw, [0.0, 0.0, 1.0])
         transform[:2, 3] = pos
-        base, accent = _object_colours(float(hue), rng)
-        axis = rng.normal(size=3)
+        texture = random_texture(float(hue), rng, position, float(yaw))
         objects.append(
             SceneObject(
                 instance_id=i + 1,
@@ -450,49 +461,12 @@ def _sample_layout(num_objects: int, rng: np.random.Generator, ground_half_size:
                 params=params,
                 position=position,
                 yaw=float(yaw),
-                base_color=base,
-                accent_color=accent,
-                pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
-                pattern_axis=axis / np.linalg.norm(axis),
-                pattern_frequency=float(rng.uniform(5.0, 10.0)),
+                texture=texture,
                 mesh=mesh.copy().apply_transform(transform),
             )
         )
-    waves = np.column_stack(
-        [rng.normal(0.0, 1.5, (4, 2)), rng.uniform(0.0, 2.0 * math.pi, 4), np.full(4, 0.05)]
-    )  # [4, 4]
-    azimuth, elevation = rng.uniform(0.0, 2.0 * math.pi), math.radians(rng.uniform(40.0, 65.0))
-    horizontal = math.cos(elevation)
-    sun = np.array([horizontal * math.cos(azimuth), horizontal * math.sin(azimuth), math.sin(elevation)])
-    return SceneLayout(objects, Ground(ground_half_size, waves), sun)
-
-
-def _primitive(shape: str, rng: np.random.Generator) -> tuple[trimesh.Trimesh, dict[str, float]]:
-    """A primitive resting on z = 0 with its footprint centred on the origin, and its dimensions."""
-    size = float(rng.uniform(0.16, 0.34))
-    if shape == "box":
-        ex = (size * rng.uniform(1.0, 1.8), size * rng.uniform(1.0, 1.8), size * rng.uniform(0.8, 2.2))
-        params = {"extent_x": ex[0], "extent_y": ex[1], "extent_z": ex[2]}
-        mesh, lift = trimesh.creation.box(extents=ex), ex[2] / 2.0
-    elif shape == "sphere":
-        params = {"radius": size * rng.uniform(0.9, 1.3)}
-        mesh, lift = trimesh.creation.icosphere(subdivisions=3, radius=params["radius"]), params["radius"]
-    elif shape == "cylinder":
-        params = {"radius": size * rng.uniform(0.7, 1.1), "height": size * rng.uniform(1.2, 3.0)}
-        mesh = trimesh.creation.cylinder(radius=params["radius"], height=params["height"], sections=32)
-        lift = params["height"] / 2.0
-    elif shape == "cone":
-        params = {"radius": size * rng.uniform(0.9, 1.3), "height": size * rng.uniform(1.5, 3.0)}
-        mesh, lift = trimesh.creation.cone(radius=params["radius"], height=params["height"], sections=32), 0.0
-    elif shape == "torus":
-        major = size * rng.uniform(1.1, 1.5)
-        params = {"major_radius": major, "minor_radius": major * rng.uniform(0.3, 0.45)}
-        mesh = trimesh.creation.torus(major, params["minor_radius"], major_sections=48, minor_sections=16)
-        lift = params["minor_radius"]
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    mesh.apply_translation([0.0, 0.0, lift])
-    return mesh, {k: float(v) for k, v in params.items()}
+    ground = random_ground(rng, ground_half_size)
+    return SceneLayout(objects, ground, random_sun(rng))
 
 
 def _place_footprints(radii: list[float], rng: np.random.Generator, disc: float) -> np.ndarray | None:
@@ -515,18 +489,6 @@ def _place_footprints(radii: list[float], rng: np.random.Generator, disc: float)
         else:
             return None
     return np.array(placed)
-
-
-def _object_colours(hue: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Saturated base colour of ``hue`` and a pale or dark accent of the same hue."""
-    sat, val = rng.uniform(0.55, 0.85), rng.uniform(0.7, 0.92)
-    base = np.array(colorsys.hsv_to_rgb(hue, sat, val))
-    pale = rng.random() < 0.5
-    if pale:
-        accent = colorsys.hsv_to_rgb(hue, sat * 0.3, min(1.0, val * 1.1))
-    else:
-        accent = colorsys.hsv_to_rgb(hue, sat, val * 0.45)
-    return base, np.array(accent)
 
 
 def _corner_normals(mesh: trimesh.Trimesh) -> np.ndarray:
@@ -609,11 +571,6 @@ def _sky(dirs: np.ndarray) -> np.ndarray:
     return SKY_HORIZON * (1.0 - t) + SKY_ZENITH * t
 
 
-def _to_uint8(colour: np.ndarray) -> np.ndarray:
-    """Float colours in [0, 1] -> uint8."""
-    return np.round(np.clip(colour, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------------------------
 # SAM-like masks
 
@@ -626,15 +583,18 @@ def _split_coordinates(shape: tuple[int, int], points: np.ndarray | None) -> np.
     return np.stack([cols, rows], axis=-1).astype(np.float64)
 
 
-def _merge_neighbours(gt: np.ndarray, ids: list[int], rng: np.random.Generator, p_merge: float) -> list[list[int]]:
-    """Group ids: each image-adjacent pair is merged with ``p_merge`` (an id joins at most one pair)."""
+def _merge_neighbours(
+    gt: np.ndarray, ids: list[int], rng: np.random.Generator, p_merge: float, bias: dict[tuple[int, int], float]
+) -> list[list[int]]:
+    """Group ids: each image-adjacent pair (a < b) is merged with ``bias.get((a, b), p_merge)`` (an id
+    joins at most one pair)."""
     grown = {i: ndimage.binary_dilation(gt == i, iterations=2) for i in ids}  # each [H, W]
     pairs = [(a, b) for k, a in enumerate(ids) for b in ids[k + 1 :] if (grown[a] & (gt == b)).any()]
     merged: set[int] = set()
     groups = []
     for k in rng.permutation(len(pairs)):
         a, b = pairs[k]
-        if a not in merged and b not in merged and rng.random() < p_merge:
+        if a not in merged and b not in merged and rng.random() < bias.get((a, b), p_merge):
             merged.update((a, b))
             groups.append([a, b])
     return groups + [[i] for i in ids if i not in merged]
@@ -756,14 +716,20 @@ def _transforms_json(cameras: Cameras, names: list[str], test: list[int]) -> dic
 
 
 def _scene_json(
-    spec: SceneSpec, layout: SceneLayout, views: list[RenderedView], names: list[str], test: list[int]
+    spec: SceneSpec,
+    layout: SceneLayout,
+    views: list[RenderedView],
+    names: list[str],
+    test: list[int],
+    in_frame: dict[int, list[int]],
 ) -> dict:
-    """Metadata: spec, objects with per-object visibility, ground, light and split."""
+    """Metadata: spec, objects with per-object visibility, contacts, ground, light and split."""
     counts = np.stack([np.bincount(v.instances.ravel(), minlength=spec.num_objects + 1) for v in views])  # [K, N+1]
     objects = []
     for obj in layout.objects:
         entry = obj.metadata()
         entry["visible_views"] = [int(i) for i in np.flatnonzero(counts[:, obj.instance_id] > 0)]
+        entry["in_frame_test_views"] = in_frame[obj.instance_id]
         objects.append(entry)
     return {
         "generator": GENERATOR_NAME,
@@ -776,6 +742,9 @@ def _scene_json(
         "objects": objects,
         "image_dir": IMAGE_DIR,
         "gt_instances_dir": GT_DIR,
+        "gt_amodal_dir": AMODAL_DIR,
+        "contacts": [{"object": a, "against": b, "kind": k} for a, b, k in layout.contacts],
+        "shared_textures": [list(pair) for pair in layout.shared_textures],
         "sam_masks_dir": SAM_DIR if spec.sam_like_masks else None,
         "file_names": names,
         "test_views": test,
