@@ -142,16 +142,15 @@ def measure(config_path: Path, data: Path, points: Sequence[int], picture: Optio
     from nerfstudio.utils.eval_utils import eval_setup
     from trace3d_ns.evaluation.ground_truth import find_ground_truth, pipeline_views
     from trace3d_ns.evaluation.harness import (
-        Settings, evaluate_foreground, prompt_points, reference_view, resolve_mode, scene_contributions,
-        visible_silhouette,
+        Settings, foreground_scores, prompt_points, reference_view, resolve_mode, visible_silhouette,
     )
+    from trace3d_ns.selection import camera_contributions
 
     _, pipeline, _, step = eval_setup(config_path, test_mode="test")
     model = pipeline.model
     model.eval()
     gt = find_ground_truth(data)
     train, test, missing = pipeline_views(pipeline, gt)
-    scenes = scene_contributions(model, test)  # the geometry's, shared by every mode and point count
     masks = [v.gt > 0 for v in train]
     ref = reference_view(masks)
     prompts = [] if ref is None else prompt_points(masks[ref], max(points))
@@ -159,6 +158,7 @@ def measure(config_path: Path, data: Path, points: Sequence[int], picture: Optio
                  "reference_view": None if ref is None else train[ref].name}
     drawn = min(points, key=lambda n: (n != 3, n))
     selections: Dict[str, torch.Tensor] = {}
+    chosen_by: Dict[tuple, Dict] = {}  # (mode, points) -> selection
     for mode in MODES:
         if mode == "feature_clusters":
             pipeline.label_from_features()  # replaces GIT's labels: the last mode
@@ -169,20 +169,29 @@ def measure(config_path: Path, data: Path, points: Sequence[int], picture: Optio
         else:
             chosen = prefix_selections(model, train[ref].camera, prompts, points, settings)
         for n in points:
-            sel = chosen[n]
-            fg = evaluate_foreground(sel["mask"], test, scenes)
-            out.setdefault(points_key(n), {})[mode] = {
-                "miou": fg["miou"], "macc": fg["macc"], "num_selected": int(sel["mask"].sum()),
-                "prompts": [{"x": p.x, "y": p.y, "clearance_px": round(p.clearance, 2)} for p in sel["prompts"]],
-                "notes": sel["notes"], "per_view": fg["per_view"],
-            }
+            chosen_by[(mode, n)] = chosen[n]
         selections[mode] = chosen[drawn]["mask"]
+    # every selection scored on each test view in turn: one view's pairs at a time
+    preds: Dict[tuple, list] = {key: [] for key in chosen_by}
+    for view in test:
+        scene = camera_contributions(model, view.camera)
+        for key, sel in chosen_by.items():
+            preds[key].append(visible_silhouette(scene, sel["mask"]))
+        del scene
+    for (mode, n), sel in chosen_by.items():
+        fg = foreground_scores(preds[(mode, n)], test)
+        out.setdefault(points_key(n), {})[mode] = {
+            "miou": fg["miou"], "macc": fg["macc"], "num_selected": int(sel["mask"].sum()),
+            "prompts": [{"x": p.x, "y": p.y, "clearance_px": round(p.clearance, 2)} for p in sel["prompts"]],
+            "notes": sel["notes"], "per_view": fg["per_view"],
+        }
     if picture is not None and test:
         per_view = out[points_key(drawn)][MODES[0]]["per_view"]
         order = sorted(range(len(test)), key=lambda i: (per_view[test[i].name]["iou"], i))
-        view = test[order[len(order) // 2]]
-        preds = {mode: visible_silhouette(scenes[view.name], mask) for mode, mask in selections.items()}
-        save_foreground_picture(picture, view.image, view.gt > 0, preds, f"{drawn} points, test view {view.name}")
+        index = order[len(order) // 2]
+        view = test[index]
+        drawn_preds = {mode: preds[(mode, drawn)][index] for mode in selections}
+        save_foreground_picture(picture, view.image, view.gt > 0, drawn_preds, f"{drawn} points, test view {view.name}")
         out["picture"] = {"file": picture.name, "view": view.name, "points": drawn}
     return out
 
