@@ -6,8 +6,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT="$(mkdir -p "${1:-$ROOT/demo_out}" && cd "${1:-$ROOT/demo_out}" && pwd)"
-STEPS="${TRACE3D_DEMO_STEPS:-1500}"
-GIT_STEP="${TRACE3D_DEMO_GIT_STEP:-600}"
+STEPS="${TRACE3D_DEMO_STEPS:-1200}"
+GIT_STEP="${TRACE3D_DEMO_GIT_STEP:-500}"
 SIZE="${TRACE3D_DEMO_SIZE:-128}"
 START=$SECONDS
 
