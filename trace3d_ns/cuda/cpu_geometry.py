@@ -64,6 +64,22 @@ def _sym_at(S, i, j):
     return S[5]
 
 
+@njit(cache=True)
+def _to_camera(V, means, n, S, RS, Sc):
+    """Camera-space mean (tx, ty, tz) of Gaussian n, and its camera covariance R S R^T written to
+    Sc [3, 3] (RS [3, 3]: scratch)."""
+    tx = V[0, 0] * means[n, 0] + V[0, 1] * means[n, 1] + V[0, 2] * means[n, 2] + V[0, 3]
+    ty = V[1, 0] * means[n, 0] + V[1, 1] * means[n, 1] + V[1, 2] * means[n, 2] + V[1, 3]
+    tz = V[2, 0] * means[n, 0] + V[2, 1] * means[n, 1] + V[2, 2] * means[n, 2] + V[2, 3]
+    for i in range(3):
+        for j in range(3):
+            RS[i, j] = V[i, 0] * _sym_at(S, 0, j) + V[i, 1] * _sym_at(S, 1, j) + V[i, 2] * _sym_at(S, 2, j)
+    for i in range(3):
+        for j in range(3):
+            Sc[i, j] = RS[i, 0] * V[j, 0] + RS[i, 1] * V[j, 1] + RS[i, 2] * V[j, 2]
+    return tx, ty, tz
+
+
 @njit(parallel=True, cache=True)
 def project_forward(
     means,  # [N, 3] float64
@@ -94,16 +110,7 @@ def project_forward(
             for cam in range(C):
                 V = viewmats[cam]
                 fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
-                tx = V[0, 0] * means[n, 0] + V[0, 1] * means[n, 1] + V[0, 2] * means[n, 2] + V[0, 3]
-                ty = V[1, 0] * means[n, 0] + V[1, 1] * means[n, 1] + V[1, 2] * means[n, 2] + V[1, 3]
-                tz = V[2, 0] * means[n, 0] + V[2, 1] * means[n, 1] + V[2, 2] * means[n, 2] + V[2, 3]
-                # camera covariance R S R^T
-                for i in range(3):
-                    for j in range(3):
-                        RS[i, j] = V[i, 0] * _sym_at(S, 0, j) + V[i, 1] * _sym_at(S, 1, j) + V[i, 2] * _sym_at(S, 2, j)
-                for i in range(3):
-                    for j in range(3):
-                        Sc[i, j] = RS[i, 0] * V[j, 0] + RS[i, 1] * V[j, 1] + RS[i, 2] * V[j, 2]
+                tx, ty, tz = _to_camera(V, means, n, S, RS, Sc)
                 mx = fx * tx / tz + cx
                 my = fy * ty / tz + cy
                 margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
@@ -177,15 +184,7 @@ def project_backward(
             for cam in range(C):
                 V = viewmats[cam]
                 fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
-                tx = V[0, 0] * means[n, 0] + V[0, 1] * means[n, 1] + V[0, 2] * means[n, 2] + V[0, 3]
-                ty = V[1, 0] * means[n, 0] + V[1, 1] * means[n, 1] + V[1, 2] * means[n, 2] + V[1, 3]
-                tz = V[2, 0] * means[n, 0] + V[2, 1] * means[n, 1] + V[2, 2] * means[n, 2] + V[2, 3]
-                for i in range(3):
-                    for j in range(3):
-                        RS[i, j] = V[i, 0] * _sym_at(S, 0, j) + V[i, 1] * _sym_at(S, 1, j) + V[i, 2] * _sym_at(S, 2, j)
-                for i in range(3):
-                    for j in range(3):
-                        Sc[i, j] = RS[i, 0] * V[j, 0] + RS[i, 1] * V[j, 1] + RS[i, 2] * V[j, 2]
+                tx, ty, tz = _to_camera(V, means, n, S, RS, Sc)
                 margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
                 lo_x, hi_x = -(cx / fx + margin_x), (width - cx) / fx + margin_x
                 lo_y, hi_y = -(cy / fy + margin_y), (height - cy) / fy + margin_y

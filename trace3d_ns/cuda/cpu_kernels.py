@@ -105,6 +105,16 @@ def _alpha(mx, my, a, b, c, o, x, y):
     return dx, dy, sigma, vis, alpha
 
 
+@njit(cache=True, inline="always")
+def _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera):
+    """Camera of tile t and its pixel box [x0, x1) x [y0, y1)."""
+    cam = t // tiles_per_camera
+    local_tile = t - cam * tiles_per_camera
+    x0 = (local_tile % tile_width) * tile_size
+    y0 = (local_tile // tile_width) * tile_size
+    return cam, x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height)
+
+
 @njit(parallel=True, cache=True)
 def composite_tiles(
     mode,  # int: MODE_*
@@ -136,12 +146,7 @@ def composite_tiles(
     K = colors.shape[1]
     pixels_per_camera = width * height
     for t in prange(num_tiles):
-        cam = t // tiles_per_camera
-        local_tile = t - cam * tiles_per_camera
-        x0 = (local_tile % tile_width) * tile_size
-        y0 = (local_tile // tile_width) * tile_size
-        x1 = min(x0 + tile_size, width)
-        y1 = min(y0 + tile_size, height)
+        cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
         tw = x1 - x0
         npix = tw * (y1 - y0)
         if npix <= 0:
@@ -255,12 +260,7 @@ def backward_tiles(
     K = colors.shape[1]
     pixels_per_camera = width * height
     for t in prange(num_tiles):
-        cam = t // tiles_per_camera
-        local_tile = t - cam * tiles_per_camera
-        x0 = (local_tile % tile_width) * tile_size
-        y0 = (local_tile // tile_width) * tile_size
-        x1 = min(x0 + tile_size, width)
-        y1 = min(y0 + tile_size, height)
+        cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
         tw = x1 - x0
         npix = tw * (y1 - y0)
         if npix <= 0:
