@@ -2,7 +2,8 @@
 
 Columns: the test image, the RGB render, the instance render (each Gaussian's instance label,
 palette colours), the feature PCA, then the largest extracted objects, each one's Gaussians
-rendered alone. Rows: test views spread over the held-out set.
+rendered alone (the background, the instance seen most along the first view's border, is left
+out). Rows: test views spread over the held-out set.
 
     python -m trace3d_ns.figure --load-config outputs/.../config.yml --out overview.png
 """
@@ -59,7 +60,12 @@ def overview(pipeline, num_views: int = 3, num_objects: int = 3) -> np.ndarray:
     labels = model.instance_labels
     objects: List[int] = []
     if labels.numel() == model.num_points:
-        ids, counts = torch.unique(labels[labels > 0], return_counts=True)
+        from trace3d_ns.viewer_controls import top_instance_ids
+
+        first = top_instance_ids(model, dataset.cameras[int(picks[0]) : int(picks[0]) + 1].to(model.device))  # [H, W]
+        border = torch.cat([first[0], first[-1], first[:, 0], first[:, -1]])
+        background = int(torch.mode(border).values)
+        ids, counts = torch.unique(labels[(labels > 0) & (labels != background)], return_counts=True)
         objects = ids[torch.argsort(counts, descending=True)][:num_objects].tolist()
     titles = ["test image", "render", "instances", "feature PCA"] + [f"object {i}" for i in objects]
     rows = []
