@@ -14,6 +14,7 @@ import torch
 from tests.gaussians import intrinsics, look_at, random_gaussians
 from tests.memory import LiveCounter, LiveTensorBytes
 from tests.test_method import _camera, _model
+from tests.test_selection import _two_cluster_model as _two_clusters
 
 W, H = 64, 48
 LEFT = torch.arange(300) < 150
@@ -48,22 +49,6 @@ def _cameras(xs, width=W, height=H):
         camera_to_worlds=torch.stack(c2ws), fx=K[0, 0].expand(n, 1), fy=K[1, 1].expand(n, 1),
         cx=K[0, 2].expand(n, 1), cy=K[1, 2].expand(n, 1), width=width, height=height,
     )
-
-
-def _two_clusters():
-    """300 Gaussians in two clusters (left: features +e0, instance 1; right: -e0, instance 2), eval mode."""
-    g = torch.Generator().manual_seed(0)
-    left = torch.randn(150, 3, generator=g) * 0.08 + torch.tensor([-0.5, 0.0, 0.0])
-    right = torch.randn(150, 3, generator=g) * 0.08 + torch.tensor([0.5, 0.0, 0.0])
-    model = _model((torch.cat([left, right]), torch.full((300, 3), 128)))
-    with torch.no_grad():
-        model.gauss_params["scales"].fill_(-3.0)
-        model.gauss_params["opacities"].fill_(3.0)
-        model.gauss_params["features"][:150] = torch.tensor([1.0] + [0.0] * 15)
-        model.gauss_params["features"][150:] = torch.tensor([-1.0] + [0.0] * 15)
-    model.instance_labels = torch.where(LEFT, 1, 2)
-    model.eval()
-    return model
 
 
 def _label_maps(model, cameras):
