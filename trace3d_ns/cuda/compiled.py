@@ -196,12 +196,43 @@ def composite(
     )
 
 
-def _single_camera_layout(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int):
-    from trace3d_ns.cuda.tiles import intersect_tiles
-
-    tile_width, tile_height = -(-width // tile_size), -(-height // tile_size)
-    isect = intersect_tiles(means2d[None], radii[None], depths[None], tile_size, tile_width, tile_height)
-    return _tile_starts(isect), _np(isect.flatten_ids, np.int32), tile_width, tile_width * tile_height
+def _count_then_fill(
+    count_mode: int,
+    fill_mode: int,
+    means2d: Tensor,  # [N, 2] one camera
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    radii: Tensor,  # [N]
+    depths: Tensor,  # [N]
+    width: int,
+    height: int,
+    tile_size: int,
+    patch_map: Optional[Tensor] = None,  # [H, W] (patch modes)
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One camera through the compositing kernel twice: `count_mode` sizes the output (per pixel
+    for pairs, per tile entry for patches), `fill_mode` writes it. Returns (gaussian [P] int64,
+    pixel or patch id [P] int64, weight [P] float32)."""
+    kernels = load()
+    N = means2d.shape[0]
+    tile_width = -(-width // tile_size)
+    tiles = tile_width * -(-height // tile_size)
+    isect = intersect_tiles(means2d[None], radii[None], depths[None], tile_size, tile_width, tiles // tile_width)
+    starts, flat = _tile_starts(isect), _np(isect.flatten_ids, np.int32)
+    arrays = _arrays(kernels, means2d, conics, opacities, np.zeros((N, 0), np.float32))
+    labels = np.zeros(0, np.int32) if patch_map is None else _np(patch_map.reshape(-1), np.int32)
+    common = (np.zeros((1, 0), np.float32), starts, flat, width, height, tile_size, tile_width, tiles, N, labels)
+    unused = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))  # render outputs
+    counts = np.zeros(width * height if patch_map is None else flat.shape[0], np.int64)
+    i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32)
+    total = int(counts.sum())
+    _check_memory(total * 20, N, width, height, "the contribution list")
+    offsets = np.cumsum(counts) - counts
+    gids, index, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
+    with _LOCK:
+        kernels.composite_tiles(fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights)
+    return gids, index, weights
 
 
 @torch.no_grad()
@@ -218,24 +249,11 @@ def contributing_pairs(
     """(gaussian_ids [P] int64, pixel_ids [P] int64, weights alpha * T [P] float32) of every pair
     the compositor uses, grouped by pixel (ascending), front to back within a pixel."""
     kernels = load()
-    N = means2d.shape[0]
-    starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
-    arrays = _arrays(kernels, means2d, conics, opacities, np.zeros((N, 0), np.float32))
-    counts = np.zeros(width * height, np.int64)
-    common = (starts, flat, width, height, tile_size, tile_width, tiles, N, np.zeros(0, np.int32))
-    empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))
-    bg = np.zeros((1, 0), np.float32)
-    i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    with _LOCK:
-        kernels.composite_tiles(kernels.MODE_COUNT_PAIRS, *arrays, bg, *common, *empty, counts, i64, i64, i64, f32)
-    total = int(counts.sum())
-    _check_memory(total * 20, N, width, height, "the contribution list")
-    offsets = np.cumsum(counts) - counts
-    gids, pids, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
-    with _LOCK:
-        kernels.composite_tiles(kernels.MODE_FILL_PAIRS, *arrays, bg, *common, *empty, counts, offsets, gids, pids, weights)
-    device = means2d.device
-    return torch.from_numpy(gids).to(device), torch.from_numpy(pids).to(device), torch.from_numpy(weights).to(device)
+    out = _count_then_fill(
+        kernels.MODE_COUNT_PAIRS, kernels.MODE_FILL_PAIRS, means2d, conics, opacities, radii, depths, width, height,
+        tile_size,
+    )
+    return tuple(torch.from_numpy(a).to(means2d.device) for a in out)
 
 
 @torch.no_grad()
@@ -252,27 +270,14 @@ def patch_weights(
     weight [U] float32), the total alpha * T each Gaussian puts into each patch, one row per
     (Gaussian, patch), sorted by Gaussian then patch."""
     kernels = load()
-    N = means2d.shape[0]
     height, width = patch_map.shape
-    starts, flat, tile_width, tiles = _single_camera_layout(means2d, radii, depths, width, height, tile_size)
-    arrays = _arrays(kernels, means2d, conics, opacities, np.zeros((N, 0), np.float32))
-    M = flat.shape[0]
-    counts = np.zeros(M, np.int64)
-    common = (starts, flat, width, height, tile_size, tile_width, tiles, N, _np(patch_map.reshape(-1), np.int32))
-    empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.float64), np.zeros(0, np.int32))
-    bg = np.zeros((1, 0), np.float32)
-    i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    with _LOCK:
-        kernels.composite_tiles(kernels.MODE_COUNT_PATCHES, *arrays, bg, *common, *empty, counts, i64, i64, i64, f32)
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    gids, patches, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
-    with _LOCK:
-        kernels.composite_tiles(kernels.MODE_FILL_PATCHES, *arrays, bg, *common, *empty, counts, offsets, gids, patches, weights)
-    device = means2d.device
+    gids, patches, weights = _count_then_fill(
+        kernels.MODE_COUNT_PATCHES, kernels.MODE_FILL_PATCHES, means2d, conics, opacities, radii, depths, width,
+        height, tile_size, patch_map,
+    )
     # one row per (tile entry, patch): sum over the tiles of each Gaussian
     gaussian, patch, weight = sum_pairs_by_patch(torch.from_numpy(gids), torch.from_numpy(patches), torch.from_numpy(weights))
-    return gaussian.to(device), patch.to(device), weight.to(device)
+    return gaussian.to(means2d.device), patch.to(means2d.device), weight.to(means2d.device)
 
 
 def _geometry() -> ModuleType:
