@@ -25,6 +25,9 @@ from torch import Tensor
 from trace3d_ns.cuda.tiles import TileIntersections, sum_pairs_by_patch
 
 _LOCK = threading.Lock()
+"""Held around every parallel kernel call: numba's fallback threading layer (workqueue, where no
+OpenMP or TBB is installed) aborts on parallel launches from two threads (the viewer renders
+while training runs)."""
 _KERNELS: Optional[ModuleType] = None
 _UNAVAILABLE: Optional[str] = None
 
@@ -80,7 +83,9 @@ def _np(t: Tensor, dtype) -> np.ndarray:
 def _arrays(kernels: ModuleType, means2d: Tensor, conics: Tensor, opacities: Tensor, colors: np.ndarray) -> tuple:
     """The compositing kernels' per-Gaussian inputs: means2d, conics, opacities, footprints, colours."""
     m, c, o = _np(means2d, np.float32), _np(conics, np.float32), _np(opacities, np.float32)
-    return m, c, o, kernels.footprints(m, c, o), colors
+    with _LOCK:
+        footprint = kernels.footprints(m, c, o)
+    return m, c, o, footprint, colors
 
 
 def _tile_starts(isect: TileIntersections) -> np.ndarray:
@@ -299,9 +304,10 @@ class _Project(torch.autograd.Function):
         depths = np.empty((C, N), np.float32)
         conics = np.empty((C, N, 3), np.float32)
         comp = np.empty((C, N), np.float32)
-        kernels.project_forward(
-            *arrays, width, height, eps2d, near_plane, far_plane, radius_clip, radii, means2d, depths, conics, comp
-        )
+        with _LOCK:
+            kernels.project_forward(
+                *arrays, width, height, eps2d, near_plane, far_plane, radius_clip, radii, means2d, depths, conics, comp
+            )
         ctx.arrays, ctx.settings = arrays, settings
         ctx.mark_non_differentiable(radii := torch.from_numpy(radii))
         return radii, torch.from_numpy(means2d), torch.from_numpy(depths), torch.from_numpy(conics), torch.from_numpy(comp)
@@ -314,10 +320,11 @@ class _Project(torch.autograd.Function):
         v_means = np.empty_like(means)
         v_quats = np.empty_like(ctx.arrays[1])
         v_scales = np.empty_like(ctx.arrays[2])
-        kernels.project_backward(
-            *ctx.arrays, width, height, eps2d, _np(v_means2d, np.float32), _np(v_depths, np.float32),
-            _np(v_conics, np.float32), _np(v_comp, np.float32), v_means, v_quats, v_scales,
-        )
+        with _LOCK:
+            kernels.project_backward(
+                *ctx.arrays, width, height, eps2d, _np(v_means2d, np.float32), _np(v_depths, np.float32),
+                _np(v_conics, np.float32), _np(v_comp, np.float32), v_means, v_quats, v_scales,
+            )
         ctx.arrays = None
         return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, None, None
 
@@ -351,7 +358,8 @@ class _SphericalHarmonics(torch.autograd.Function):
         kernels = _geometry()
         arrays = (_np(means, np.float32), _np(campos, np.float32), _np(coeffs, np.float32))
         colors = np.empty((campos.shape[0], means.shape[0], 3), np.float32)
-        kernels.sh_forward(degree, *arrays, colors)
+        with _LOCK:
+            kernels.sh_forward(degree, *arrays, colors)
         ctx.degree, ctx.arrays = degree, arrays
         return torch.from_numpy(colors)
 
@@ -361,7 +369,8 @@ class _SphericalHarmonics(torch.autograd.Function):
         means, _, coeffs = ctx.arrays
         v_coeffs = np.zeros_like(coeffs)
         v_means = np.zeros_like(means)
-        kernels.sh_backward(ctx.degree, *ctx.arrays, _np(v_colors, np.float32), v_coeffs, v_means)
+        with _LOCK:
+            kernels.sh_backward(ctx.degree, *ctx.arrays, _np(v_colors, np.float32), v_coeffs, v_means)
         ctx.arrays = None
         return None, torch.from_numpy(v_means), None, torch.from_numpy(v_coeffs)
 
