@@ -76,6 +76,13 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if threads <= 0 else min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
+def _chunks() -> int:
+    """Parallel chunks for the kernels that split work by hand: the threads numba uses now."""
+    import numba
+
+    return max(1, numba.get_num_threads())
+
+
 def _np(t: Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
@@ -125,7 +132,7 @@ class _Composite(torch.autograd.Function):
         with _LOCK:
             kernels.composite_tiles(
                 kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
-                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32,
+                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, _chunks(),
             )
         ctx.save_for_backward(means2d, conics, opacities, colors, backgrounds)
         ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad)
@@ -140,31 +147,24 @@ class _Composite(torch.autograd.Function):
         arrays, bg, trans, last, layout, geometry, absgrad = ctx.state
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         M, K = flat.shape[0], colors.shape[-1]
-        v_means = np.zeros((M, 2), np.float32)
-        v_conics = np.zeros((M, 3), np.float32)
-        v_opac = np.zeros(M, np.float32)
-        v_colors = np.zeros((M, K), np.float32)
-        abs_means = np.zeros((M, 2), np.float32)
+        E = kernels.ENTRY_GRADS
+        v_entries = np.empty((M, E + K), np.float32)  # [M, 8 + K]
         with _LOCK:
             kernels.backward_tiles(
                 *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam, geometry,
                 trans, last, _np(v_render.reshape(-1, K), np.float32), _np(v_alpha.reshape(-1), np.float32),
-                v_means, v_conics, v_opac, v_colors, abs_means,
+                v_entries, _chunks(),
             )
-        index = torch.from_numpy(flat.astype(np.int64))  # [M] entry -> flattened (camera, Gaussian)
-
-        def per_gaussian(per_entry: np.ndarray, like: Tensor) -> Tensor:
-            grad = torch.zeros(like.shape[0], *per_entry.shape[1:], dtype=torch.float32)
-            return grad.index_add_(0, index, torch.from_numpy(per_entry)).to(like.dtype)
-
+            # [CN, 8 + K] summed per Gaussian
+            grads = torch.from_numpy(kernels.reduce_entries(flat, v_entries, means2d.shape[0], _chunks()))
         if absgrad is not None:
-            absgrad.view(-1, 2).add_(per_gaussian(abs_means, means2d).to(absgrad.device))
+            absgrad.view(-1, 2).add_(grads[:, 6:8].to(absgrad.device))
         ctx.state = None
         return (
-            per_gaussian(v_means, means2d),
-            per_gaussian(v_conics, conics),
-            per_gaussian(v_opac, opacities),
-            per_gaussian(v_colors, colors),
+            grads[:, 0:2].to(means2d.dtype),
+            grads[:, 2:5].to(conics.dtype),
+            grads[:, 5].to(opacities.dtype),
+            grads[:, E:].to(colors.dtype),
             None, None, None, None,
         )
 
@@ -230,13 +230,13 @@ def _count_then_fill(
     counts = np.zeros(width * height if patch_map is None else flat.shape[0], np.int64)
     i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with _LOCK:
-        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32)
+        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks())
     total = int(counts.sum())
     _check_memory(total * 20, N, width, height, "the contribution list")
     offsets = np.cumsum(counts) - counts
     gids, index, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
     with _LOCK:
-        kernels.composite_tiles(fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights)
+        kernels.composite_tiles(fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks())
     return gids, index, weights
 
 

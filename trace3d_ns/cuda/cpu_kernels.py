@@ -1,6 +1,7 @@
 """Compiled (numba) CPU compositing kernels with gsplat 1.4.0's per-tile semantics.
 
-Work is split over 16x16 tiles (`prange`, both cores). Within a tile, Gaussians are visited in
+Work is split over 16x16 tiles, interleaved over the threads (`prange` over workers, worker w taking
+tiles w, w + workers, ...: contiguous halves would leave one core idle when the scene fills one half). Within a tile, Gaussians are visited in
 the tile's depth order, and each one only on the pixels of its own footprint: the ellipse where
 alpha can still reach 1/255 (sigma <= ln(255 o), with a margin), row by row, clipped to the tile. Every pixel keeps its transmittance T (float64) and a done flag; a tile stops once all
 its pixels are done. Per (Gaussian, pixel):
@@ -36,6 +37,9 @@ _HALF = np.float32(0.5)
 _ALPHA_MIN = np.float32(1.0 / 255.0)
 _ALPHA_MAX = np.float32(0.999)
 _T_MIN = 1e-4
+ENTRY_GRADS = 8
+"""`backward_tiles`' per-entry row: d means2d (2), d conics (3), d opacity, |d means2d| summed over
+pixels (absgrad, 2), then d colours (K)."""
 
 
 @njit(parallel=True, cache=True)
@@ -141,93 +145,95 @@ def composite_tiles(
     out_gaussian,  # [P] int64 (fill modes)
     out_index,  # [P] int64 pixel id c * H * W + y * W + x, or patch id (fill modes)
     out_weight,  # [P] float32 alpha * T, or its sum over the entry's pixels in the patch (fill modes)
+    workers,  # parallel workers (threads): each takes every workers-th tile
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
     pixels_per_camera = width * height
-    for t in prange(num_tiles):
-        cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
-        tw = x1 - x0
-        npix = tw * (y1 - y0)
-        if npix <= 0:
-            continue
-        T = np.ones(npix, dtype=np.float64)
-        done = np.zeros(npix, dtype=np.bool_)
-        acc = np.zeros((npix, K if mode == MODE_RENDER else 0), dtype=np.float32)
-        last = np.full(npix, -1, dtype=np.int32)
-        fill = np.zeros(npix, dtype=np.int64)  # pairs written per pixel (fill pairs)
-        patch_ids = np.empty(npix, dtype=np.int32)  # distinct patches of one entry (patch modes)
-        patch_w = np.empty(npix, dtype=np.float64)
-        remaining = npix
-        pix_base = cam * pixels_per_camera
-        for e in range(tile_starts[t], tile_starts[t + 1]):
-            if remaining == 0:
-                break
-            g = flatten_ids[e]
-            mx, my = means2d[g, 0], means2d[g, 1]
-            a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
-            o = opacities[g]
-            fp = footprint[g]
-            if fp[0] < 0.0:
+    for w in prange(workers):  # worker w takes tiles w, w + workers, ...: both halves of the image
+        for t in range(w, num_tiles, workers):
+            cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
+            tw = x1 - x0
+            npix = tw * (y1 - y0)
+            if npix <= 0:
                 continue
-            ry0, ry1 = _rows(my, fp[0], y0, y1)
-            n_patches = 0
-            for y in range(ry0, ry1):
-                cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
-                for x in range(cx0, cx1):
-                    i = (y - y0) * tw + (x - x0)
-                    if done[i]:
-                        continue
-                    dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
-                    if sigma < 0.0 or alpha < _ALPHA_MIN:
-                        continue
-                    next_t = T[i] * (1.0 - alpha)
-                    if next_t <= _T_MIN:
-                        done[i] = True
-                        remaining -= 1
-                        continue
-                    w = alpha * T[i]
-                    pid = pix_base + y * width + x
-                    if mode == MODE_RENDER:
-                        for k in range(K):
-                            acc[i, k] += np.float32(w) * colors[g, k]
-                        last[i] = e
-                    elif mode == MODE_COUNT_PAIRS:
-                        counts[pid] += 1
-                    elif mode == MODE_FILL_PAIRS:
-                        p = offsets[pid] + fill[i]
-                        fill[i] += 1
+            T = np.ones(npix, dtype=np.float64)
+            done = np.zeros(npix, dtype=np.bool_)
+            acc = np.zeros((npix, K if mode == MODE_RENDER else 0), dtype=np.float32)
+            last = np.full(npix, -1, dtype=np.int32)
+            fill = np.zeros(npix, dtype=np.int64)  # pairs written per pixel (fill pairs)
+            patch_ids = np.empty(npix, dtype=np.int32)  # distinct patches of one entry (patch modes)
+            patch_w = np.empty(npix, dtype=np.float64)
+            remaining = npix
+            pix_base = cam * pixels_per_camera
+            for e in range(tile_starts[t], tile_starts[t + 1]):
+                if remaining == 0:
+                    break
+                g = flatten_ids[e]
+                mx, my = means2d[g, 0], means2d[g, 1]
+                a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
+                o = opacities[g]
+                fp = footprint[g]
+                if fp[0] < 0.0:
+                    continue
+                ry0, ry1 = _rows(my, fp[0], y0, y1)
+                n_patches = 0
+                for y in range(ry0, ry1):
+                    cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
+                    for x in range(cx0, cx1):
+                        i = (y - y0) * tw + (x - x0)
+                        if done[i]:
+                            continue
+                        dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
+                        if sigma < 0.0 or alpha < _ALPHA_MIN:
+                            continue
+                        next_t = T[i] * (1.0 - alpha)
+                        if next_t <= _T_MIN:
+                            done[i] = True
+                            remaining -= 1
+                            continue
+                        w = alpha * T[i]
+                        pid = pix_base + y * width + x
+                        if mode == MODE_RENDER:
+                            for k in range(K):
+                                acc[i, k] += np.float32(w) * colors[g, k]
+                            last[i] = e
+                        elif mode == MODE_COUNT_PAIRS:
+                            counts[pid] += 1
+                        elif mode == MODE_FILL_PAIRS:
+                            p = offsets[pid] + fill[i]
+                            fill[i] += 1
+                            out_gaussian[p] = g % num_gaussians
+                            out_index[p] = pid
+                            out_weight[p] = w
+                        else:  # patch modes: sum per distinct patch of this entry
+                            label = patch_map[pid]
+                            j = 0
+                            while j < n_patches and patch_ids[j] != label:
+                                j += 1
+                            if j == n_patches:
+                                patch_ids[j] = label
+                                patch_w[j] = 0.0
+                                n_patches += 1
+                            patch_w[j] += w
+                        T[i] = next_t
+                if mode == MODE_COUNT_PATCHES:
+                    counts[e] = n_patches
+                elif mode == MODE_FILL_PATCHES:
+                    for j in range(n_patches):
+                        p = offsets[e] + j
                         out_gaussian[p] = g % num_gaussians
-                        out_index[p] = pid
-                        out_weight[p] = w
-                    else:  # patch modes: sum per distinct patch of this entry
-                        label = patch_map[pid]
-                        j = 0
-                        while j < n_patches and patch_ids[j] != label:
-                            j += 1
-                        if j == n_patches:
-                            patch_ids[j] = label
-                            patch_w[j] = 0.0
-                            n_patches += 1
-                        patch_w[j] += w
-                    T[i] = next_t
-            if mode == MODE_COUNT_PATCHES:
-                counts[e] = n_patches
-            elif mode == MODE_FILL_PATCHES:
-                for j in range(n_patches):
-                    p = offsets[e] + j
-                    out_gaussian[p] = g % num_gaussians
-                    out_index[p] = patch_ids[j]
-                    out_weight[p] = patch_w[j]
-        if mode == MODE_RENDER:
-            for y in range(y0, y1):
-                for x in range(x0, x1):
-                    i = (y - y0) * tw + (x - x0)
-                    pid = pix_base + y * width + x
-                    for k in range(K):
-                        out_colors[pid, k] = acc[i, k] + np.float32(T[i]) * backgrounds[cam, k]
-                    out_transmittance[pid] = T[i]
-                    out_last[pid] = last[i]
+                        out_index[p] = patch_ids[j]
+                        out_weight[p] = patch_w[j]
+            if mode == MODE_RENDER:
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        i = (y - y0) * tw + (x - x0)
+                        pid = pix_base + y * width + x
+                        for k in range(K):
+                            out_colors[pid, k] = acc[i, k] + np.float32(T[i]) * backgrounds[cam, k]
+                        out_transmittance[pid] = T[i]
+                        out_last[pid] = last[i]
 
 
 @njit(parallel=True, cache=True)
@@ -250,104 +256,130 @@ def backward_tiles(
     last,  # [C * H * W] int32 last composited entry
     v_colors_out,  # [C * H * W, K] float32 dL/d render
     v_alphas_out,  # [C * H * W] float32 dL/d render alpha
-    v_means2d,  # [M, 2] float32 out, per entry
-    v_conics,  # [M, 3] float32 out
-    v_opacities,  # [M] float32 out
-    v_colors,  # [M, K] float32 out
-    abs_means2d,  # [M, 2] float32 out: sum over pixels of |dL/dmeans2d| (absgrad)
+    v_entries,  # [M, ENTRY_GRADS + K] float32 out, per tile entry: every row written (zeros where unused)
+    workers,  # parallel workers (threads): each takes every workers-th tile
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
     pixels_per_camera = width * height
-    for t in prange(num_tiles):
-        cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
-        tw = x1 - x0
-        npix = tw * (y1 - y0)
-        if npix <= 0:
-            continue
-        pix_base = cam * pixels_per_camera
-        G = geometry_channels
-        # per-pixel state, local to the tile
-        T = np.empty(npix, dtype=np.float64)  # T in front of the Gaussian being visited
-        t_v = np.empty(npix, dtype=np.float64)  # T_final (dL/d alpha_out - background . dL/d colour)
-        last_local = np.empty(npix, dtype=np.int64)
-        v_out = np.empty((npix, K), dtype=np.float32)  # dL/d render
-        behind = np.zeros((npix, G), dtype=np.float64)  # colour composited behind the visited Gaussian
-        v_entry = np.empty(K, dtype=np.float64)  # colour gradient of the visited Gaussian
-        last_entry = np.int64(-1)
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                i = (y - y0) * tw + (x - x0)
-                pid = pix_base + y * width + x
-                T[i] = transmittance[pid]
-                s = 0.0
-                for k in range(K):
-                    v_out[i, k] = v_colors_out[pid, k]
-                    if k < G:
-                        s += backgrounds[cam, k] * v_colors_out[pid, k]
-                t_v[i] = transmittance[pid] * (v_alphas_out[pid] - s)
-                last_local[i] = last[pid]
-                if last[pid] > last_entry:
-                    last_entry = last[pid]
-        for e in range(last_entry, tile_starts[t] - 1, -1):
-            g = flatten_ids[e]
-            mx, my = means2d[g, 0], means2d[g, 1]
-            a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
-            o = opacities[g]
-            fp = footprint[g]
-            if fp[0] < 0.0:
+    for w in prange(workers):  # worker w takes tiles w, w + workers, ...: both halves of the image
+        for t in range(w, num_tiles, workers):
+            cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
+            tw = x1 - x0
+            npix = tw * (y1 - y0)
+            if npix <= 0:
                 continue
-            ry0, ry1 = _rows(my, fp[0], y0, y1)
-            gm0 = 0.0
-            gm1 = 0.0
-            ga0 = 0.0
-            ga1 = 0.0
-            gc0 = 0.0
-            gc1 = 0.0
-            gc2 = 0.0
-            go = 0.0
-            v_entry[:] = 0.0
-            for y in range(ry0, ry1):
-                cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
-                row = (y - y0) * tw - x0
-                for x in range(cx0, cx1):
-                    i = row + x
-                    if e > last_local[i]:
-                        continue
-                    dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
-                    if sigma < 0.0 or alpha < _ALPHA_MIN:
-                        continue
-                    ra = 1.0 / (1.0 - alpha)
-                    t_before = T[i] * ra
-                    w = alpha * t_before
-                    v_alpha = t_v[i] * ra
-                    for k in range(G):
-                        v = v_out[i, k]
-                        col = colors[g, k]
-                        v_alpha += (col * t_before - behind[i, k] * ra) * v
-                        behind[i, k] += col * w
+            pix_base = cam * pixels_per_camera
+            G = geometry_channels
+            # per-pixel state, local to the tile
+            T = np.empty(npix, dtype=np.float64)  # T in front of the Gaussian being visited
+            t_v = np.empty(npix, dtype=np.float64)  # T_final (dL/d alpha_out - background . dL/d colour)
+            last_local = np.empty(npix, dtype=np.int64)
+            v_out = np.empty((npix, K), dtype=np.float32)  # dL/d render
+            behind = np.zeros((npix, G), dtype=np.float64)  # colour composited behind the visited Gaussian
+            v_entry = np.empty(K, dtype=np.float64)  # colour gradient of the visited Gaussian
+            last_entry = np.int64(-1)
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    i = (y - y0) * tw + (x - x0)
+                    pid = pix_base + y * width + x
+                    T[i] = transmittance[pid]
+                    s = 0.0
                     for k in range(K):
-                        v_entry[k] += w * v_out[i, k]
-                    T[i] = t_before
-                    if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
-                        v_sigma = -o * vis * v_alpha
-                        gc0 += 0.5 * v_sigma * dx * dx
-                        gc1 += v_sigma * dx * dy
-                        gc2 += 0.5 * v_sigma * dy * dy
-                        vx = v_sigma * (a * dx + b * dy)
-                        vy = v_sigma * (b * dx + c * dy)
-                        gm0 += vx
-                        gm1 += vy
-                        ga0 += abs(vx)
-                        ga1 += abs(vy)
-                        go += vis * v_alpha
-            for k in range(K):
-                v_colors[e, k] = v_entry[k]
-            v_means2d[e, 0] = gm0
-            v_means2d[e, 1] = gm1
-            abs_means2d[e, 0] = ga0
-            abs_means2d[e, 1] = ga1
-            v_conics[e, 0] = gc0
-            v_conics[e, 1] = gc1
-            v_conics[e, 2] = gc2
-            v_opacities[e] = go
+                        v_out[i, k] = v_colors_out[pid, k]
+                        if k < G:
+                            s += backgrounds[cam, k] * v_colors_out[pid, k]
+                    t_v[i] = transmittance[pid] * (v_alphas_out[pid] - s)
+                    last_local[i] = last[pid]
+                    if last[pid] > last_entry:
+                        last_entry = last[pid]
+            for e in range(max(last_entry + 1, tile_starts[t]), tile_starts[t + 1]):
+                v_entries[e, :] = 0.0  # behind every pixel's last composited Gaussian
+            for e in range(last_entry, tile_starts[t] - 1, -1):
+                g = flatten_ids[e]
+                mx, my = means2d[g, 0], means2d[g, 1]
+                a, b, c = conics[g, 0], conics[g, 1], conics[g, 2]
+                o = opacities[g]
+                fp = footprint[g]
+                if fp[0] < 0.0:
+                    v_entries[e, :] = 0.0
+                    continue
+                ry0, ry1 = _rows(my, fp[0], y0, y1)
+                gm0 = 0.0
+                gm1 = 0.0
+                ga0 = 0.0
+                ga1 = 0.0
+                gc0 = 0.0
+                gc1 = 0.0
+                gc2 = 0.0
+                go = 0.0
+                v_entry[:] = 0.0
+                for y in range(ry0, ry1):
+                    cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
+                    row = (y - y0) * tw - x0
+                    for x in range(cx0, cx1):
+                        i = row + x
+                        if e > last_local[i]:
+                            continue
+                        dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
+                        if sigma < 0.0 or alpha < _ALPHA_MIN:
+                            continue
+                        ra = 1.0 / (1.0 - alpha)
+                        t_before = T[i] * ra
+                        w = alpha * t_before
+                        v_alpha = t_v[i] * ra
+                        for k in range(G):
+                            v = v_out[i, k]
+                            col = colors[g, k]
+                            v_alpha += (col * t_before - behind[i, k] * ra) * v
+                            behind[i, k] += col * w
+                        for k in range(K):
+                            v_entry[k] += w * v_out[i, k]
+                        T[i] = t_before
+                        if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
+                            v_sigma = -o * vis * v_alpha
+                            gc0 += 0.5 * v_sigma * dx * dx
+                            gc1 += v_sigma * dx * dy
+                            gc2 += 0.5 * v_sigma * dy * dy
+                            vx = v_sigma * (a * dx + b * dy)
+                            vy = v_sigma * (b * dx + c * dy)
+                            gm0 += vx
+                            gm1 += vy
+                            ga0 += abs(vx)
+                            ga1 += abs(vy)
+                            go += vis * v_alpha
+                row_out = v_entries[e]
+                row_out[0] = gm0
+                row_out[1] = gm1
+                row_out[2] = gc0
+                row_out[3] = gc1
+                row_out[4] = gc2
+                row_out[5] = go
+                row_out[6] = ga0
+                row_out[7] = ga1
+                for k in range(K):
+                    row_out[ENTRY_GRADS + k] = v_entry[k]
+
+
+@njit(parallel=True, cache=True)
+def reduce_entries(
+    flatten_ids,  # [M] int32 flattened (camera, Gaussian) of every tile entry
+    per_entry,  # [M, D] float32
+    num_rows,  # CN
+    num_chunks,  # parallel chunks (threads)
+):
+    """[CN, D] float32: the rows of `per_entry` summed per flattened Gaussian, in entry order (so
+    the sums do not depend on the thread count). Each chunk owns a range of Gaussians and scans
+    every entry, keeping those in its range: no two chunks write the same row."""
+    M, D = per_entry.shape
+    out = np.zeros((num_rows, D), dtype=np.float32)
+    step = (num_rows + num_chunks - 1) // num_chunks
+    for chunk in prange(num_chunks):
+        lo = chunk * step
+        hi = min(lo + step, num_rows)
+        for e in range(M):
+            g = flatten_ids[e]
+            if g >= lo and g < hi:
+                for d in range(D):
+                    out[g, d] += per_entry[e, d]
+    return out
