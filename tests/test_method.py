@@ -146,3 +146,38 @@ def test_default_strategy_densifies_with_cpu_info():
     assert n1 > n0  # grew from the CPU gradients
     for k, p in params.items():  # Adam moments follow the new count
         assert optimizers[k].state[p]["exp_avg"].shape == p.shape
+
+
+def test_method_optimizers_are_fused_adam_and_survive_densification():
+    """The method's Adam is torch's fused kernel on CPU parameters (per-op Adam cost more than the
+    compiled backward pass); it steps like per-op Adam, and gsplat's ops carry its state."""
+    from gsplat.strategy.ops import duplicate
+
+    from trace3d_ns.config import trace3d_trainer_config
+
+    cfg = trace3d_trainer_config().optimizers["means"]["optimizer"]
+    torch.manual_seed(0)
+    p_fused = torch.nn.Parameter(torch.randn(50, 3))
+    p_plain = torch.nn.Parameter(p_fused.detach().clone())
+    fused = cfg.setup([p_fused])
+    plain = torch.optim.Adam([p_plain], lr=cfg.lr, eps=cfg.eps, fused=False)
+    assert fused.defaults["fused"] is True
+    for step in range(5):
+        grad = torch.randn(50, 3)
+        for p, opt in ((p_fused, fused), (p_plain, plain)):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(p_fused, p_plain, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(p_fused.detach(), torch.zeros(50, 3))
+
+    params = torch.nn.ParameterDict({"means": p_fused})
+    state = {}
+    duplicate(params, {"means": fused}, state, torch.arange(50) < 10)
+    p = params["means"]
+    assert p.shape == (60, 3) and fused.state[p]["exp_avg"].shape == (60, 3)
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    fused.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)
+    # a forced choice is respected
+    assert type(cfg)(lr=1e-3, fused=False).setup([torch.nn.Parameter(torch.zeros(2))]).defaults["fused"] is False

@@ -297,8 +297,12 @@ def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, 
 
 
 # ---- running ------------------------------------------------------------------------------------
-def single_thread_env() -> Dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def single_thread_env(parallel: int = 1) -> Dict[str, str]:
+    """Environment of a benchmark subprocess: one torch thread (many small ops run fastest on one),
+    and the compiled kernels' threads shared among the ``parallel`` runs (one each when two run on
+    two cores: more would only make them take turns)."""
+    kernel_threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": str(kernel_threads)}
 
 
 def run_logged(cmd: List[str], cwd: Path, log: Path) -> None:
@@ -329,7 +333,7 @@ def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: 
             name = pending.pop(0)
             log = (work / f"train_{name}.log").open("w")
             running[name] = (subprocess.Popen(commands[name], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                              env=single_thread_env()), log, time.perf_counter())
+                                              env=single_thread_env(parallel)), log, time.perf_counter())
         for name, (proc, log, started) in list(running.items()):
             if proc.poll() is None:
                 continue
