@@ -40,4 +40,6 @@ cat <<MSG
   one .ply per instance + instances.json:        $OUT/export/instances
   all Gaussians (3DGS .ply):                     $OUT/export/splat.ply
 Look at it in the viewer:  $VENV/bin/ns-viewer --load-config $CONFIG   (then open http://localhost:7007)
+Your own scene: SAM masks need a checkpoint (--pipeline.datamanager.mask-source sam --pipeline.datamanager.sam.checkpoint F);
+  without SAM weights use --pipeline.datamanager.mask-source levels (whole objects; superpixel gives parts). See README.
 MSG
