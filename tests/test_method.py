@@ -181,3 +181,24 @@ def test_method_optimizers_are_fused_adam_and_survive_densification():
     assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)
     # a forced choice is respected
     assert type(cfg)(lr=1e-3, fused=False).setup([torch.nn.Parameter(torch.zeros(2))]).defaults["fused"] is False
+
+
+def test_viewmat_is_eager_and_equals_splatfactos():
+    """The model's world-to-camera matrices match splatfacto's, without its torch.compile wrapper
+    (a viewer render interrupt inside the first compilation killed the render thread)."""
+    from nerfstudio.models import splatfacto
+
+    from trace3d_ns import model as trace3d_model
+
+    assert trace3d_model.get_viewmat is not splatfacto.get_viewmat
+    assert hasattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable")  # what the check below tells apart
+    assert not hasattr(trace3d_model.get_viewmat, "_torchdynamo_orig_callable")
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, 3, generator=g))
+    c2w = torch.cat([q, torch.randn(3, 3, 1, generator=g)], dim=2)  # [3, 3, 4]
+    ours = trace3d_model.get_viewmat(c2w)
+    torch.testing.assert_close(ours, splatfacto.get_viewmat(c2w))
+    # the inverse of the flipped pose: viewmat @ [c2w_flipped; 0 0 0 1] = I
+    flipped = torch.cat([c2w[:, :, :3] * torch.tensor([1.0, -1.0, -1.0]), c2w[:, :, 3:]], dim=2)
+    full = torch.cat([flipped, torch.tensor([0.0, 0, 0, 1]).expand(3, 1, 4)], dim=1)
+    torch.testing.assert_close(ours @ full, torch.eye(4).expand(3, 4, 4), atol=1e-5, rtol=0)

@@ -21,7 +21,6 @@ from nerfstudio.models.splatfacto import (
     RGB2SH,
     SplatfactoModel,
     SplatfactoModelConfig,
-    get_viewmat,
     num_sh_bases,
     random_quat_tensor,
 )
@@ -32,6 +31,21 @@ from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pi
 from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
 from trace3d_ns.rendering import rasterize, rasterize_with_extra
+
+
+def get_viewmat(camera_to_world: Tensor) -> Tensor:
+    """gsplat's world-to-camera matrices [C, 4, 4] of nerfstudio's camera-to-world poses [C, 3, 4]
+    (y and z flipped, rigid inverse). splatfacto's own `get_viewmat` is wrapped in torch.compile:
+    the viewer's render interrupt can land inside its first compilation and kill the render
+    thread for good, and compiling it buys nothing for a 4x4 matrix."""
+    R = camera_to_world[:, :3, :3] * camera_to_world.new_tensor([1.0, -1.0, -1.0])  # [C, 3, 3]
+    T = camera_to_world[:, :3, 3:4]  # [C, 3, 1]
+    R_inv = R.transpose(1, 2)
+    viewmat = torch.zeros(R.shape[0], 4, 4, device=R.device, dtype=R.dtype)
+    viewmat[:, 3, 3] = 1.0
+    viewmat[:, :3, :3] = R_inv
+    viewmat[:, :3, 3:4] = -torch.bmm(R_inv, T)
+    return viewmat
 
 
 @dataclass
