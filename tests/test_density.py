@@ -198,12 +198,15 @@ def _check_consistent(model) -> None:
 def test_cycles_on_a_training_pipeline(trained):
     _, _, pipeline, optimizers = trained
     model = pipeline.model
-    control = GitDensityControl(cycles=3, start_step=10, every=2)
+    control = GitDensityControl(cycles=3, start_step=10, every=2)  # prune_unseen by default
+    assert control.prune_unseen
     state = control.initialize_state()
 
     first = control.run_cycle(pipeline, state, step=10)
-    assert first.num_split > 0 and first.num_pruned == 0 and first.num_children == 0
-    assert first.num_after == model.num_points == first.num_before + first.num_split
+    # no children yet: only the Gaussians no view sees (weight >= min_weight) are pruned
+    assert first.num_split > 0 and first.num_children == 0
+    assert first.num_pruned == first.num_pruned_unseen == first.num_before - first.num_seen > 0
+    assert first.num_after == model.num_points == first.num_before - first.num_pruned + first.num_split
     _check_consistent(model)
     n, k = model.num_points, first.num_split
     children = model.density_children
@@ -216,7 +219,8 @@ def test_cycles_on_a_training_pipeline(trained):
 
     second = control.run_cycle(pipeline, state, step=12)
     assert second.num_children == 2 * k
-    assert second.num_pruned == second.num_ambiguous_children  # only still-ambiguous children
+    # still-ambiguous children and unseen Gaussians (an ambiguous Gaussian is seen: disjoint)
+    assert second.num_pruned == second.num_ambiguous_children + second.num_pruned_unseen
     assert second.num_after == second.num_before - second.num_pruned + second.num_split
     _check_consistent(model)
     _train_step(pipeline, optimizers, step=13)

@@ -26,8 +26,8 @@ Policy (:class:`GitDensityControl`, state in :class:`DensityControlState`). Cycl
 3. **Prune** the children split in the previous cycle that are *still* ambiguous: splitting gave
    them ``every`` steps to settle into one instance and they did not. Only those: an ambiguous
    Gaussian that was not split yet gets its split first (the paper's point: splitting rather than
-   deleting avoids holes). With ``prune_unseen`` also the Gaussians no training view sees (as the
-   authors' release does).
+   deleting avoids holes). With ``prune_unseen`` (the default, as in the authors' release) also the
+   Gaussians no training view sees with weight >= ``min_weight``.
 4. **Split** the remaining ambiguous Gaussians, except in the last cycle, which only prunes: the
    final model keeps no children that were never checked.
 
@@ -211,12 +211,18 @@ class GitDensityControl:
     """A view is ambiguous for a Gaussian when its most probable instance holds less than this."""
     theta_as: float = 0.5
     """A Gaussian is ambiguous when more than this share of the views seeing it are ambiguous."""
-    min_weight: float = 0.05
-    """A Gaussian is seen in a view when its traced weight there is >= this (alpha * T units)."""
+    min_weight: float = 0.5
+    """A Gaussian is seen in a view when its traced weight there is >= this (alpha * T units: half a
+    fully opaque pixel; the authors' release asks for more than 25 pixel hits). Weaker observations
+    are a Gaussian behind others or grazing a view, where its instance distribution says little."""
     split_scale_factor: float = 2.0
     """Children's scales are the parent's divided by this."""
-    prune_unseen: bool = False
-    """Also prune the Gaussians that no training view sees (the authors' release does)."""
+    prune_unseen: bool = True
+    """Also prune the Gaussians that no training view sees (weight >= min_weight in none), as the
+    authors' release does. No image constrains them (hidden inside or behind objects), so they
+    barely change the renders but show up when an object is extracted and rendered alone: on a
+    cluttered 160 px scene they were 44% of the Gaussians, and dropping them after training took
+    the extracted objects' amodal IoU from 0.72 to 0.83 at -0.2 dB test PSNR."""
     seed: int = 0
     """Seed of the children's sampled means."""
 
