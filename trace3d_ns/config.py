@@ -7,9 +7,8 @@ anyway); SAM, scikit-image, scikit-learn, trimesh and Triton load lazily where t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
@@ -19,6 +18,9 @@ from trace3d_ns.data.datamanager import Trace3DDataManagerConfig
 from trace3d_ns.model import Trace3DModelConfig
 from trace3d_ns.pipeline import Trace3DPipelineConfig
 from trace3d_ns.schedulers import FloatExponentialDecaySchedulerConfig
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STEPS = 30000
 

@@ -5,9 +5,9 @@ For sampled pixels u with instance labels, with logits l(u, u') = -tau * ||F[u] 
 where U+(u) are the other sampled pixels with u's label. Pixels with label 0 (no instance) are
 not sampled; pixels whose label appears once in the sample have no positive and are skipped.
 
-`contrastive_loss` is the fast path: one autograd node whose forward takes one exp over the
-[M, M] logits and whose backward is written out (two [M, M] x [M, D] products), instead of the
-dozen [M, M] passes autograd makes through two logsumexps. `contrastive_loss_reference` is the
+`contrastive_loss` is the fast path: one autograd node whose forward takes two shifted exps over
+the [M, M] logits (all pairs, positives) and whose backward is written out (two [M, M] x [M, D]
+products), instead of the passes autograd makes through two logsumexps and their backward. `contrastive_loss_reference` is the
 plain autograd version it is tested against.
 """
 
@@ -28,19 +28,26 @@ def sample_labelled_pixels(labels: Tensor, num_samples: int, generator: Optional
     return candidates[pick.to(candidates.device)]
 
 
+def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """(positive [M, M] bool: same label, not self; has_positive [M] bool), or None when no pixel
+    has a positive (the loss is then 0)."""
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
+    if features.shape[0] < 2:
+        return None
+    positive = labels[:, None] == labels[None, :]  # [M, M]
+    positive.fill_diagonal_(False)
+    has_positive = positive.any(dim=1)  # [M]
+    return (positive, has_positive) if has_positive.any() else None
+
+
 def contrastive_loss_reference(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """features [M, D], labels [M] (> 0) -> scalar loss (0 when no pixel has a positive); autograd
     through two logsumexps (the reference of `contrastive_loss`)."""
-    if features.shape[0] != labels.shape[0]:
-        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
-    m = features.shape[0]
-    if m < 2:
+    pairs = _positives(features, labels)
+    if pairs is None:
         return features.sum() * 0.0
-    positive = labels[:, None] == labels[None, :]  # [M, M]
-    positive.fill_diagonal_(False)
-    has_positive = positive.any(dim=1)
-    if not has_positive.any():
-        return features.sum() * 0.0
+    positive, has_positive = pairs
     sq = (features * features).sum(dim=1)  # [M]
     # logits = -tau ||f_u - f_u'||^2 = 2 tau f_u . f_u' - tau |f_u|^2 - tau |f_u'|^2, in one addmm
     logits = torch.addmm(-temperature * (sq[:, None] + sq[None, :]), features, features.T, alpha=2.0 * temperature)
@@ -105,13 +112,7 @@ class _Contrastive(torch.autograd.Function):
 
 def contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """features [M, D], labels [M] (> 0) -> scalar loss (0 when no pixel has a positive)."""
-    if features.shape[0] != labels.shape[0]:
-        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
-    if features.shape[0] < 2:
+    pairs = _positives(features, labels)
+    if pairs is None:
         return features.sum() * 0.0
-    positive = labels[:, None] == labels[None, :]  # [M, M]
-    positive.fill_diagonal_(False)
-    has_positive = positive.any(dim=1)  # [M]
-    if not has_positive.any():
-        return features.sum() * 0.0
-    return _Contrastive.apply(features, positive, has_positive, float(temperature))
+    return _Contrastive.apply(features, *pairs, float(temperature))
