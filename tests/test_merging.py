@@ -303,3 +303,24 @@ def test_gaussians_vote_with_the_weight_they_draw():
     assert torch.all(before[y[:10]] == before[0]) and before[0] != before[30]
     labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
     assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
+
+
+def test_gaussians_drawn_mostly_where_no_mask_is_stay_background():
+    # C is in no mask (patch 0) in views 0-2 and under A's mask, which spilled onto it, in view 3.
+    # background (default): patch 0's votes for id 0 outweigh one view's; fallback: C takes the id of
+    # the spilled mask (its own instance here: that patch is half C, so it does not link to A's).
+    acc = TraceAccumulator(N, 4)
+    maps = []
+    for v in range(4):
+        if v < 3:
+            contrib, patch_map = _view(_whole())
+            patch_map = torch.tensor([[0, 1, 2, 0]], dtype=torch.int32)
+        else:
+            contrib, patch_map = _view([list(A) + list(C), list(B)])
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    traces = acc.build()
+    labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
+    assert torch.all(labels[list(C)] == 0) and labels[0] > 0 and labels[20] > 0 and labels[0] != labels[20]
+    fallback = consistent_instances(traces, maps, MergeConfig(min_traced=3, unmasked_vote="fallback")).gaussian_labels
+    assert torch.all(fallback[list(C)] == fallback[40]) and fallback[40] > 0
