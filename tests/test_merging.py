@@ -326,3 +326,12 @@ def test_gaussians_drawn_mostly_where_no_mask_is_stay_background():
     assert torch.all(labels[list(A)] == labels[0]) and labels[0] > 0 and labels[20] > 0 and labels[0] != labels[20]
     fallback = consistent_instances(traces, maps, MergeConfig(min_traced=3, unmasked_min_share=2.0)).gaussian_labels
     assert torch.all(fallback[list(C)] == fallback[40]) and fallback[40] > 0
+
+
+def test_no_link_candidate_is_no_link():
+    # A+B is one patch in view 0 and two in view 1: each part maps wholly onto A+B, but A+B only half
+    # onto either, so no pair is a mutual majority. Nothing links, and nothing fails for lack of links.
+    result = _run([[list(A) + list(B)], [list(A), list(B)]])
+    assert result.stats.cross_view_links == 0
+    labels = result.gaussian_labels
+    assert labels[0] > 0 and labels[20] > 0

@@ -494,10 +494,12 @@ def _cross_view_links(
     f = sp.csr_matrix((frac, (co.row, co.col)), shape=co.shape)
     mutual = f.minimum(f.T).tocoo()  # min(f(s -> s'), f(s' -> s))
     keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
+    rows, cols = mutual.row[keep], mutual.col[keep]  # [c]
     shared = sp.csr_matrix((co.data, (co.row, co.col)), shape=co.shape)
-    evidence = np.asarray(shared.minimum(shared.T)[mutual.row[keep], mutual.col[keep]]).ravel()  # Gaussians
+    # Gaussians shared both ways; scipy answers an empty pair index with one element, hence the guard
+    evidence = np.asarray(shared.minimum(shared.T)[rows, cols]).ravel() if rows.size else np.zeros(0)
     order = np.lexsort((-evidence, -mutual.data[keep]))  # most mutual first, then most shared Gaussians
-    candidates = np.stack([mutual.row[keep][order], mutual.col[keep][order]])  # [2, c] strongest first
+    candidates = np.stack([rows[order], cols[order]])  # [2, c] strongest first
     views = np.zeros((num_nodes, len(n[0]) if len(n) else 0), dtype=bool)  # [S, L] views of each component
     views[segment[real], patch_view[real]] = True
     return constrained_links(candidates, views)
