@@ -150,8 +150,9 @@ def test_comparison_colours():
     assert [tuple(c) for c in out[0]] == [(200, 200, 200), (230, 40, 40), (40, 90, 240), (0, 0, 0)]
 
 
-def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
-    from trace3d_ns.benchmarks.ablation import command_record, is_trained
+def test_a_finished_run_is_reused_only_for_the_same_command_and_defaults(tmp_path, monkeypatch):
+    from trace3d_ns.benchmarks import ablation
+    from trace3d_ns.benchmarks.ablation import command_record, is_trained, run_record
 
     run, cmd = tmp_path / "run", ["ns-train", "trace3d", "--max-num-iterations", "10"]
     assert not is_trained(run, 10, cmd)
@@ -159,8 +160,12 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
     (run / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
     assert not is_trained(run, 10, cmd)  # a checkpoint without the command that made it
     command_record(run).write_text(" ".join(cmd))
+    assert not is_trained(run, 10, cmd)  # the command alone, without the defaults it ran under
+    command_record(run).write_text(run_record(cmd))
     assert is_trained(run, 10, cmd)
     assert not is_trained(run, 10, cmd[:-1] + ["20"]) and not is_trained(run, 20, cmd)
+    monkeypatch.setattr(ablation, "method_fingerprint", lambda: "another default")
+    assert not is_trained(run, 10, cmd)
 
 
 def test_a_changed_scene_is_generated_again_and_its_runs_retrained(tmp_path):

@@ -29,7 +29,7 @@ def test_fast_loss_and_gradient_equal_the_autograd_reference(m, d, tau, num_labe
     """The written-out backward against autograd through logsumexp, including rows without a
     positive (many labels), and spreads where far pairs fall below the denormal floor."""
     g = torch.Generator().manual_seed(m)
-    labels = torch.randint(1, num_labels + 1, (m,), generator=g)
+    labels = torch.randint(0, num_labels + 1, (m,), generator=g)  # 0: negatives only
     f = (torch.randn(m, d, generator=g) * spread).requires_grad_(True)
     fast = contrastive_loss(f, labels, tau)
     (grad_fast,) = torch.autograd.grad(fast, f)
@@ -55,6 +55,35 @@ def test_sampling_takes_only_labelled_pixels():
     assert picked.numel() == 8 and (labels.reshape(-1)[picked] == 7).all()
     assert picked.unique().numel() == 8
     assert sample_labelled_pixels(labels, 100).numel() == 15
+
+
+def test_sampling_adds_unlabelled_pixels_after_the_labelled_ones():
+    labels = torch.zeros(10, 10, dtype=torch.int32)
+    labels[2:5, 3:8] = 7  # 15 labelled, 85 unlabelled
+    picked = sample_labelled_pixels(labels, 8, torch.Generator().manual_seed(1), num_unlabelled=20)
+    assert picked.numel() == 28 and picked.unique().numel() == 28
+    assert (labels.reshape(-1)[picked[:8]] == 7).all() and (labels.reshape(-1)[picked[8:]] == 0).all()
+    assert sample_labelled_pixels(labels, 100, num_unlabelled=1000).numel() == 100
+
+
+@pytest.mark.parametrize("loss_fn", [contrastive_loss, contrastive_loss_reference])
+def test_unlabelled_pixels_are_negatives_only(loss_fn):
+    """A label-0 pixel is never a positive nor an anchor: far from everything it changes nothing,
+    two of them at one feature do not attract each other, and on an object's feature it raises the
+    loss and its gradient pushes it away from that object."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, 1, 1, 2, 2, 2])
+    f = torch.cat([torch.zeros(3, 4), torch.ones(3, 4)]) + 0.05 * torch.randn(6, 4, generator=g)
+    base = loss_fn(f, labels, 1.0)
+    far = torch.full((2, 4), 1e3)  # two unlabelled pixels at the same far-away feature
+    assert torch.allclose(loss_fn(torch.cat([f, far]), torch.cat([labels, torch.zeros(2, dtype=labels.dtype)]), 1.0), base)
+    centre = f[:3].mean(dim=0)
+    on_object = (centre + 0.1 * torch.tensor([0.6, 0.0, -0.8, 0.0]))[None].requires_grad_(True)  # near object 1
+    loss = loss_fn(torch.cat([f, on_object]), torch.cat([labels, torch.zeros(1, dtype=labels.dtype)]), 1.0)
+    assert loss > base + 0.05
+    (grad,) = torch.autograd.grad(loss, on_object)
+    stepped = on_object.detach() - 0.01 * grad / grad.norm()  # a small descent step
+    assert (stepped[0] - centre).norm() > (on_object.detach()[0] - centre).norm()
 
 
 def _trained_model():

@@ -303,3 +303,35 @@ def test_gaussians_vote_with_the_weight_they_draw():
     assert torch.all(before[y[:10]] == before[0]) and before[0] != before[30]
     labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
     assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
+
+
+def test_gaussians_drawn_mostly_where_no_mask_is_stay_background():
+    # C is in no mask (patch 0) in views 0-2 and under A's mask, which spilled onto it, in view 3; A
+    # itself is left unmasked in view 0. Patch 0 holds 3/4 of C's votes and 1/4 of A's: C is labelled
+    # 0, A keeps its id. With unmasked_min_share > 1 (id 0 only for Gaussians no view masks), C takes
+    # the id of the spilled mask (its own instance here: that patch is half C, so it does not link to A's).
+    acc = TraceAccumulator(N, 4)
+    maps = []
+    for v in range(4):
+        if v < 3:
+            contrib, patch_map = _view(_whole())
+            patch_map = torch.tensor([[0, 0 if v == 0 else 1, 2, 0]], dtype=torch.int32)
+        else:
+            contrib, patch_map = _view([list(A) + list(C), list(B)])
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    traces = acc.build()
+    labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
+    assert torch.all(labels[list(C)] == 0)
+    assert torch.all(labels[list(A)] == labels[0]) and labels[0] > 0 and labels[20] > 0 and labels[0] != labels[20]
+    fallback = consistent_instances(traces, maps, MergeConfig(min_traced=3, unmasked_min_share=2.0)).gaussian_labels
+    assert torch.all(fallback[list(C)] == fallback[40]) and fallback[40] > 0
+
+
+def test_no_link_candidate_is_no_link():
+    # A+B is one patch in view 0 and two in view 1: each part maps wholly onto A+B, but A+B only half
+    # onto either, so no pair is a mutual majority. Nothing links, and nothing fails for lack of links.
+    result = _run([[list(A) + list(B)], [list(A), list(B)]])
+    assert result.stats.cross_view_links == 0
+    labels = result.gaussian_labels
+    assert labels[0] > 0 and labels[20] > 0

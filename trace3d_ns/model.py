@@ -63,6 +63,15 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     """Labelled pixels sampled per step for the contrastive loss. Its cost grows with the square:
     forward + backward on one CPU thread took 0.06 s at 1024, 0.33 s at 2048 and 1.5-1.8 s at 4096
     samples (more than a whole compiled training step at 1024)."""
+    contrastive_unlabelled_samples: int = 256
+    """Pixels no mask covers (label 0) sampled per step besides ``contrastive_samples``, as negatives
+    only: the features rendered there are pushed away from every object's, so background Gaussians
+    seen only there do not take the feature of an object they border (and get extracted with it).
+    0 = only labelled pixels are sampled. Measured on the cluttered 160 px generated scene (seed 0,
+    ``full`` variant of the ablation, feature selection), amodal object IoU / boundary IoU: 0.827 /
+    0.733 without; 0.830 / 0.735 with 256 alone (the consistent maps still gave background pixels an
+    object's id there); 0.875 / 0.777 with 256 and ``merge.unmasked_min_share`` 0.5, which leaves
+    those pixels at 0."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
@@ -368,7 +377,9 @@ class Trace3DModel(SplatfactoModel):
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
         labels = self.training_labels(batch) if "feature" in outputs and self.training else None
         if labels is not None:
-            picked = sample_labelled_pixels(labels, self.config.contrastive_samples)
+            picked = sample_labelled_pixels(
+                labels, self.config.contrastive_samples, num_unlabelled=self.config.contrastive_unlabelled_samples
+            )
             features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
             loss = contrastive_loss(features, labels.reshape(-1)[picked], self.config.contrastive_temperature)
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss

@@ -57,6 +57,7 @@ truth against the extracted objects (:mod:`trace3d_ns.benchmarks.pictures`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -316,12 +317,27 @@ def command_record(run: Path) -> Path:
     return run / "train_command.txt"
 
 
+def method_fingerprint() -> str:
+    """Hash of the method's default pipeline settings (model, merging, density control, tracing...):
+    a command leaves most of them at their defaults, so a run trained before a default changed is not
+    the same run even though its command is."""
+    from trace3d_ns.config import trace3d_trainer_config
+
+    return hashlib.sha1(repr(trace3d_trainer_config().pipeline).encode("utf-8")).hexdigest()[:16]
+
+
+def run_record(command: List[str]) -> str:
+    """What ``command_record`` holds for a run trained by ``command`` under today's defaults."""
+    return " ".join(command) + f"\n# method defaults {method_fingerprint()}\n"
+
+
 def is_trained(run: Path, steps: int, command: List[str]) -> bool:
-    """True when ``run`` has its final checkpoint and was trained by exactly ``command`` (a finished
-    run is reused only for the same settings; a changed command trains again)."""
+    """True when ``run`` has its final checkpoint and was trained by exactly ``command`` under the
+    same method defaults (a finished run is reused only for the same settings; a changed command or
+    default trains again)."""
     record = command_record(run)
     checkpoint = run / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt"
-    return checkpoint.is_file() and record.is_file() and record.read_text() == " ".join(command)
+    return checkpoint.is_file() and record.is_file() and record.read_text() == run_record(command)
 
 
 def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path]) -> Dict[str, float]:
@@ -344,7 +360,7 @@ def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: 
                     other.kill()
                 raise RuntimeError(f"ns-train ({name}) failed, see {work / f'train_{name}.log'}")
             wall[name] = time.perf_counter() - started
-            command_record(runs[name]).write_text(" ".join(commands[name]))
+            command_record(runs[name]).write_text(run_record(commands[name]))
         time.sleep(1.0)
     return wall
 

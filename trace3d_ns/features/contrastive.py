@@ -2,8 +2,13 @@
 
 For sampled pixels u with instance labels, with logits l(u, u') = -tau * ||F[u] - F[u']||^2:
     L = -mean_u log( sum_{u' in U+(u)} exp l(u, u') / sum_{u' != u} exp l(u, u') )
-where U+(u) are the other sampled pixels with u's label. Pixels with label 0 (no instance) are
-not sampled; pixels whose label appears once in the sample have no positive and are skipped.
+where U+(u) are the other sampled pixels with u's label. Pixels with label 0 (no mask covers
+them) are never anyone's positive and never anchors; when sampled (``num_unlabelled``) they are
+negatives only: they appear in every labelled anchor's denominator, so the features rendered there
+are pushed away from every object's. Without them, a Gaussian seen only where no mask is (e.g. a
+large background splat) gets its feature trained solely by the object pixels it blends into at
+their borders, and is pulled to that object: feature selection then extracts it with the object.
+Pixels whose label appears once in the sample have no positive and are skipped as anchors.
 
 `contrastive_loss` is the fast path: one autograd node whose forward takes two shifted exps over
 the [M, M] logits (all pairs, positives) and whose backward is written out (two [M, M] x [M, D]
@@ -19,13 +24,25 @@ import torch
 from torch import Tensor
 
 
-def sample_labelled_pixels(labels: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Flat indices of up to `num_samples` distinct pixels with label > 0. labels [H, W] -> [M] int64."""
-    candidates = torch.nonzero(labels.reshape(-1) > 0).squeeze(1)  # [P]
+def _sample(candidates: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+    """Up to `num_samples` distinct entries of `candidates` [P], uniformly."""
     if candidates.numel() <= num_samples:
         return candidates
     pick = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:num_samples]
     return candidates[pick.to(candidates.device)]
+
+
+def sample_labelled_pixels(
+    labels: Tensor, num_samples: int, generator: Optional[torch.Generator] = None, num_unlabelled: int = 0
+) -> Tensor:
+    """Flat indices of up to `num_samples` distinct pixels with label > 0, then up to
+    `num_unlabelled` distinct pixels with label 0 (the loss's negatives). labels [H, W] -> [M] int64."""
+    flat = labels.reshape(-1)
+    picked = _sample(torch.nonzero(flat > 0).squeeze(1), num_samples, generator)  # [M1]
+    if num_unlabelled <= 0:
+        return picked
+    unlabelled = _sample(torch.nonzero(flat == 0).squeeze(1), num_unlabelled, generator)  # [M0]
+    return torch.cat([picked, unlabelled])
 
 
 def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -35,14 +52,14 @@ def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tenso
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
     if features.shape[0] < 2:
         return None
-    positive = labels[:, None] == labels[None, :]  # [M, M]
+    positive = (labels[:, None] == labels[None, :]) & (labels > 0)[:, None]  # [M, M] label 0: no positives
     positive.fill_diagonal_(False)
     has_positive = positive.any(dim=1)  # [M]
     return (positive, has_positive) if has_positive.any() else None
 
 
 def contrastive_loss_reference(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """features [M, D], labels [M] (> 0) -> scalar loss (0 when no pixel has a positive); autograd
+    """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive); autograd
     through two logsumexps (the reference of `contrastive_loss`)."""
     pairs = _positives(features, labels)
     if pairs is None:
@@ -111,7 +128,7 @@ class _Contrastive(torch.autograd.Function):
 
 
 def contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """features [M, D], labels [M] (> 0) -> scalar loss (0 when no pixel has a positive)."""
+    """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive)."""
     pairs = _positives(features, labels)
     if pairs is None:
         return features.sum() * 0.0
