@@ -56,8 +56,8 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   mask here") votes for id 0, which wins when it holds at least ``unmasked_min_share`` of the
   Gaussian's votes (default a half: a Gaussian drawn mostly where no mask is stays background even
   when a neighbour's mask spills onto it in a view); otherwise the instance id with the most votes
-  wins, so a Gaussian some views leave unmasked keeps the id the others give it. Its confidence is the winner's share of all votes, those for 0 included (0 for Gaussians seen
-  nowhere). With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
+  wins, so a Gaussian some views leave unmasked keeps the id the others give it. Its confidence is
+  the winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere). With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
   weighted by its purity under the first vote's labels (patch 0's weight stays 1).
 
 The sparse products run on the CPU with scipy; the results come back on the store's device.
@@ -224,11 +224,11 @@ def consistent_instances(
         edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
         root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
         global_id = _compact(root, real)  # [P], 0 for patch 0
-        labels, confidence = _gaussian_votes(t, global_id, config.vote == "weight", None, config.unmasked_min_share)
+        labels, confidence = _gaussian_votes(t, global_id, config)
         if config.purity_weighted_vote:
             weight = _patch_purity(t, labels, global_id)  # [P]
             weight[~real] = 1.0  # patch 0 votes "no mask here" as before
-            labels, confidence = _gaussian_votes(t, global_id, config.vote == "weight", weight, config.unmasked_min_share)
+            labels, confidence = _gaussian_votes(t, global_id, config, weight)
         if round_ == config.unlink_rounds:
             break
         spur = _segment_purity(t, labels, global_id, segment, config.min_traced)
@@ -604,35 +604,30 @@ def _segment_purity(
 
 
 def _gaussian_votes(
-    t: _TraceArrays,
-    global_id: np.ndarray,
-    by_weight: bool,
-    patch_weight: np.ndarray | None = None,
-    unmasked_min_share: float = 0.5,
+    t: _TraceArrays, global_id: np.ndarray, config: MergeConfig, patch_weight: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring): a
-    vote is the Gaussian's probability of each patch, times its weight in the view if ``by_weight``;
-    ``patch_weight`` [P] scales each patch's votes; id 0 wins with ``unmasked_min_share`` of the votes
-    (`MergeConfig`), or when no instance id has any. Ties: the smaller id."""
+    vote is the Gaussian's probability of each patch, times its weight in the view with
+    ``config.vote == "weight"``; ``patch_weight`` [P] scales each patch's votes; id 0 wins with
+    ``config.unmasked_min_share`` of the votes, or when no instance id has any."""
     keep = t.seen[t.entry_obs]
     gaussian = t.obs_gaussian[t.entry_obs[keep]]  # [e]
     ids = global_id[t.entry_patch[keep]]  # [e]
     weight = t.entry_prob[keep] if patch_weight is None else t.entry_prob[keep] * patch_weight[t.entry_patch[keep]]
-    if by_weight:
+    if config.vote == "weight":
         weight = weight * t.obs_weight[t.entry_obs[keep]]
     span = int(global_id.max()) + 1 if global_id.size else 1
     keys, inverse = np.unique(gaussian * span + ids, return_inverse=True)
     votes = np.bincount(inverse.ravel(), weights=weight, minlength=len(keys))  # [u]
     owner, label = keys // span, keys % span
     total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
-    order = np.lexsort((label, -votes, label == 0, owner))  # per Gaussian: instance ids first, most votes first
+    order = np.lexsort((-votes, label == 0, owner))  # per Gaussian: instance ids first, most votes first
     first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
     labels = np.zeros(t.num_gaussians, dtype=np.int64)
     best = np.zeros(t.num_gaussians)
     labels[owner[first]], best[owner[first]] = label[first], votes[first]
     zero = np.bincount(owner[label == 0], weights=votes[label == 0], minlength=t.num_gaussians)  # [N]
-    background = zero > 0
-    background[background] = zero[background] >= unmasked_min_share * total[background]
+    background = (zero > 0) & (zero >= config.unmasked_min_share * total)  # [N]
     labels[background], best[background] = 0, zero[background]
     confidence = np.divide(best, total, out=np.zeros_like(best), where=total > 0).astype(np.float32)
     return labels, confidence
