@@ -45,7 +45,8 @@ class ForegroundConfig:
     """ns-train's experiment name (the run folder is ``<work>/outputs/<experiment>/trace3d/run``)."""
     steps: int = 2000
     num_downscales: int = 2
-    """splatfacto's coarse-to-fine schedule: 1/4 resolution (100x75) first, 1/2 from ``resolution_schedule``."""
+    """splatfacto's coarse-to-fine schedule: 1/2**num_downscales resolution first, halving the
+    downscale every ``resolution_schedule`` steps (DTU: 100x75, 200x150 from 1000, full 400x300 from 2000)."""
     resolution_schedule: int = 1000
     warmup: int = 300
     stop_split_at: int = 1500
@@ -74,16 +75,17 @@ class ForegroundConfig:
 
 
 SCENES: Dict[str, ForegroundConfig] = {
-    # 49 views 400x300: 1/4 then 1/2 resolution; poses as given (see random_scale)
+    # 49 views 400x300: 1/4, 1/2, then full resolution from step 2000; poses as given (see random_scale)
     "dtu_scan37": ForegroundConfig(
+        steps=3000, stop_split_at=2000,
         dataparser=["nerfstudio-data", "--center-method", "none", "--auto-scale-poses", "False", "--orientation-method", "none"],
         needs=["transforms.json", "gt_masks"],
     ),
-    # 100 train views 200x200 RGBA, 1/2 resolution throughout. The RGBA images are kept (no
+    # 100 train views 200x200 RGBA: 1/2 resolution, full from step 1000. The RGBA images are kept (no
     # --alpha-color): splatfacto composites them on its random background, so empty space stays empty
     # (composited on white, all Gaussians together covered the object with IoU 0.32).
     "lego": ForegroundConfig(
-        experiment="lego", steps=1500, num_downscales=1, resolution_schedule=3000, git_step=600, stop_split_at=1200,
+        experiment="lego", steps=2500, num_downscales=1, resolution_schedule=1000, git_step=600, stop_split_at=1500,
         dataparser=["blender-data", "--alpha-color", "None"], needs=["transforms_train.json", "transforms_test.json"],
     ),
 }
