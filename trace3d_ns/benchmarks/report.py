@@ -154,10 +154,10 @@ def foreground_table(result: Dict) -> List[str]:
 
 
 SCENE_TEXT = {
-    "dtu_scan37": "DTU scan 37: 49 real 400x300 views, random initialisation, trained at 1/4 then 1/2 resolution; "
+    "dtu_scan37": "DTU scan 37: 49 real 400x300 views, random initialisation, trained at 1/4, 1/2, then full resolution (from step 2000 of 3000); "
                   "GT = the objects on the bricks (`gt_masks/`)",
     "lego": "the Blender LEGO: 100 training views 200x200 RGBA (transparent background), random initialisation, "
-            "trained at 1/2 resolution; GT = alpha > 0.5 of the test images",
+            "trained at 1/2, then full resolution (from step 1000 of 2500); GT = alpha > 0.5 of the test images",
 }
 
 
