@@ -61,6 +61,62 @@ def test_variants_switch_git_consistent_labels_and_density_control():
     assert len(caches) == len(VARIANTS)  # runs side by side never share a mask cache
 
 
+def test_variants_continue_from_one_rgb_stage_per_seed():
+    from trace3d_ns.benchmarks.ablation import rgb_stage_checkpoint, rgb_stage_command
+
+    cfg, work = AblationConfig(steps=1000), Path("work")
+    rgb = rgb_stage_command(Path("scene"), work, cfg, seed=7)
+    assert _flag(rgb, "--max-num-iterations") == "500" and _flag(rgb, "--steps-per-save") == "500"
+    assert _flag(rgb, "--pipeline.git-step") == "-1" and _flag(rgb, "--pipeline.density.cycles") == "0"
+    assert "--load-checkpoint" not in rgb
+    ckpt = rgb_stage_checkpoint(work, cfg, 7)
+    assert ckpt.name == "step-000000499.ckpt" and "rgb_stage_s7" in str(ckpt)
+    whole = {n: train_command(Path("scene"), work, run_name(n, 7), cfg, v, seed=7) for n, v in VARIANTS.items()}
+    rest = {n: train_command(Path("scene"), work, run_name(n, 7), cfg, v, seed=7, stage="after_rgb") for n, v in VARIANTS.items()}
+    for n, cmd in rest.items():
+        assert _flag(cmd, "--load-checkpoint") == str(ckpt) and _flag(cmd, "--max-num-iterations") == "500"
+        # the same run as training from scratch, but for its length and start
+        drop = {"--load-checkpoint", "--max-num-iterations", "--steps-per-save"}
+        strip = lambda c: [a for i, a in enumerate(c) if a not in drop and (i == 0 or c[i - 1] not in drop)]
+        assert strip(cmd) == strip(whole[n])
+        # the RGB stage trains what every variant trains before git_step
+        for flag in ("--pipeline.model.stop-split-at", "--pipeline.model.warmup-length", "--machine.seed",
+                     "--pipeline.model.feature-start-step", "--pipeline.datamanager.folder.directory"):
+            assert _flag(cmd, flag) == _flag(rgb, flag)
+        assert int(_flag(cmd, "--pipeline.model.stop-split-at")) < int(_flag(rgb, "--max-num-iterations"))
+
+
+def test_a_run_continued_from_another_waits_for_it_and_records_it(tmp_path):
+    import sys
+
+    from trace3d_ns.benchmarks.ablation import command_record, is_trained, run_record, train_runs
+
+    runs = {n: tmp_path / n for n in ("stage", "a", "b", "free")}
+    for folder in runs.values():
+        folder.mkdir()
+    # each run appends its name to one file when it starts, and when it ends
+    def cmd(name, sleep):
+        code = (f"import time, pathlib; p = pathlib.Path({str(tmp_path / 'order.txt')!r}); "
+                f"p.open('a').write('start {name}\\n'); time.sleep({sleep}); p.open('a').write('end {name}\\n')")
+        return [sys.executable, "-c", code]
+    commands = {"a": cmd("a", 0), "b": cmd("b", 0), "stage": cmd("stage", 1.5), "free": cmd("free", 0)}
+    after = {"a": runs["stage"], "b": runs["stage"]}
+    train_runs(commands, tmp_path, 2, runs, after)
+    order = (tmp_path / "order.txt").read_text().split("\n")
+    for name in ("a", "b"):
+        assert order.index(f"start {name}") > order.index("end stage")
+    assert order.index("start free") < order.index("end stage")  # a waiting run does not hold a free slot
+    assert command_record(runs["a"]).read_text() == run_record(commands["a"], runs["stage"])
+    assert "# continued from " + command_record(runs["stage"]).read_text() in command_record(runs["a"]).read_text()
+    (runs["a"] / "nerfstudio_models").mkdir()
+    (runs["a"] / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
+    assert is_trained(runs["a"], 10, commands["a"], runs["stage"])
+    command_record(runs["stage"]).write_text("another stage")
+    assert not is_trained(runs["a"], 10, commands["a"], runs["stage"])  # its start changed
+    with pytest.raises(RuntimeError, match="wait for runs that are not scheduled"):
+        train_runs({"a": commands["a"]}, tmp_path, 2, {"a": runs["a"], "stage": runs["stage"]}, {"a": runs["stage"]})
+
+
 def test_config_overrides_and_their_errors():
     assert AblationConfig().steps >= 5000 and len(AblationConfig().seeds) == 3 and AblationConfig().size >= 160
     cfg = ablation_config(steps=40, size=None, seeds=[0], variants=["full"])
@@ -194,6 +250,8 @@ def test_ablation_end_to_end_on_a_tiny_setting(tmp_path):
     cfg = ablation_config(steps=40, size=40, views=8, objects=5, seeds=[0], variants=["no_git", "full"])
     result = run_ablation(tmp_path / "work", cfg)
     write_result(result, tmp_path / "out" / "ablation.json")
+    assert sorted(result["trained"]) == ["full_s0", "no_git_s0", "rgb_stage_s0"]  # one RGB stage, two continuations
+    assert all(result["runs"][v]["0"]["step"] == 39 for v in ("no_git", "full"))
     for variant in ("no_git", "full"):
         for key in HEADLINE:
             assert result["summary"][variant][key]["values"]["0"] is not None

@@ -58,6 +58,32 @@ def test_checkpoint_carries_instance_labels_and_features(trained):
 
 
 @pytest.mark.slow
+def test_resumed_training_trains_the_loaded_gaussians(trained):
+    """`ns-train --load-dir` continues where the checkpoint ends, and its optimizers step the loaded
+    Gaussians (nerfstudio's own Trainer left them unchanged)."""
+    import torch
+
+    root, run = trained
+    _run(
+        BIN / "ns-train", "trace3d", "--data", root / "scene", "--output-dir", root / "outputs", "--experiment-name", "e2e",
+        "--timestamp", "resumed", "--machine.device-type", "cpu", "--vis", "tensorboard",
+        "--max-num-iterations", "3", "--steps-per-save", "100", "--pipeline.model.num-downscales", "0",
+        "--pipeline.git-step", "30", "--pipeline.model.feature-start-step", "30",
+        "--pipeline.datamanager.mask-source", "folder", "--pipeline.datamanager.folder.directory", "sam_masks",
+        "--load-dir", run / "nerfstudio_models", cwd=root,
+    )
+    load = lambda p: torch.load(p, weights_only=True)
+    before = load(run / "nerfstudio_models" / "step-000000039.ckpt")
+    after = load(run.parent / "resumed" / "nerfstudio_models" / "step-000000042.ckpt")
+    for name in ("means", "scales", "opacities", "features_dc", "features"):
+        key = f"_model.gauss_params.{name}"
+        assert after["pipeline"][key].shape == before["pipeline"][key].shape
+        assert not torch.equal(after["pipeline"][key], before["pipeline"][key]), name
+    assert float(after["optimizers"]["means"]["state"][0]["step"]) == float(before["optimizers"]["means"]["state"][0]["step"]) + 3
+    assert torch.equal(after["pipeline"]["_model.instance_labels"], before["pipeline"]["_model.instance_labels"])
+
+
+@pytest.mark.slow
 def test_ns_export_loads_the_checkpoint(trained):
     import torch
     from plyfile import PlyData

@@ -7,7 +7,7 @@ anyway); SAM, scikit-image, scikit-learn, trimesh and Triton load lazily where t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, Type
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -33,12 +33,20 @@ class Trace3DMachineConfig(MachineConfig):
     """auto: cuda when torch sees a CUDA GPU, else cpu (with one warning); cuda without a GPU is an error."""
 
 
+def _trainer_class() -> Type:
+    from trace3d_ns.trainer import Trace3DTrainer
+
+    return Trace3DTrainer
+
+
 @dataclass
 class Trace3DTrainerConfig(TrainerConfig):
     """TrainerConfig whose `machine.device_type` may be `auto`, resolved before anything reads it:
     by `save_config` (ns-train saves the config, then launches with its device type) and by `setup`
     (whatever builds the Trainer)."""
 
+    _target: Type = field(default_factory=lambda: _trainer_class())
+    """Trace3DTrainer: nerfstudio's Trainer, with resuming (`--load-dir`) that trains the loaded Gaussians."""
     machine: MachineConfig = field(default_factory=Trace3DMachineConfig)
     """Machine configuration (device type `auto` by default)."""
 

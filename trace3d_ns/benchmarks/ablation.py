@@ -37,9 +37,15 @@ iterations apart, inside a 9000-iteration RGB fine-tune", then contrastive lifti
 - 70-100%: contrastive feature lifting on the final Gaussians (the features never move the
   geometry; RGB keeps training).
 
-Runs go ``parallel`` at a time, one torch thread each. A run already in ``--work`` with its final
-checkpoint and the same training command (kept in its folder) is not trained again; a scene made by
-another command is generated again, and its runs trained again.
+The RGB stage is the same for every variant (their flags act from 50% on), so it is trained once
+per seed (``rgb_stage_s<seed>``) and every variant continues from its last checkpoint
+(``--load-checkpoint``, as a user fine-tunes a trained model): the variants of a seed start the
+GIT stage from the same Gaussians, and the 12 runs train 7.5 runs' steps.
+
+Runs go ``parallel`` at a time, one torch thread each (a variant once its RGB stage is finished).
+A run already in ``--work`` with its final checkpoint and the same training command (kept in its
+folder) is not trained again, unless its RGB stage trains again; a scene made by another command is
+generated again, and its runs trained again.
 
 **Measured** on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
 ``trace3d_ns.evaluation.harness`` with feature-similarity selection (the lifting Table 5 compares):
@@ -67,7 +73,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -198,8 +204,32 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_s{seed}"
 
 
-def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, variant: Variant, seed: int = 0) -> List[str]:
-    """The ``ns-train`` command of one run (its mask cache in ``work/cache_<name>``)."""
+RGB_STAGE = Variant(git=False, consistent_labels=False, density_control=False)
+"""What the shared RGB stage trains (every variant's flags act from ``git_step`` on)."""
+
+
+def rgb_stage_name(seed: int) -> str:
+    """The run that trains seed ``seed``'s RGB stage, from which its variants continue."""
+    return f"rgb_stage_s{seed}"
+
+
+def rgb_stage_checkpoint(work: Path, cfg: AblationConfig, seed: int) -> Path:
+    """The RGB stage's last checkpoint (step ``git_step - 1``): where every variant of ``seed`` starts."""
+    return run_dir(work, rgb_stage_name(seed)) / "nerfstudio_models" / f"step-{cfg.schedule.git_step - 1:09d}.ckpt"
+
+
+def rgb_stage_command(scene: Path, work: Path, cfg: AblationConfig, seed: int) -> List[str]:
+    """The ``ns-train`` command of seed ``seed``'s RGB stage: steps ``0 .. git_step - 1`` of the schedule."""
+    return train_command(scene, work, rgb_stage_name(seed), cfg, RGB_STAGE, seed, stage="rgb")
+
+
+def train_command(
+    scene: Path, work: Path, name: str, cfg: AblationConfig, variant: Variant, seed: int = 0,
+    stage: Literal["all", "rgb", "after_rgb"] = "all",
+) -> List[str]:
+    """The ``ns-train`` command of one run (its mask cache in ``work/cache_<name>``). ``stage``: all
+    steps; the RGB stage only (steps before ``git_step``); or the rest, continued from seed's RGB
+    stage checkpoint (``--load-checkpoint``, as a user fine-tunes a trained model)."""
     s = cfg.schedule
     flags = [
         "--pipeline.git-step", str(s.git_step) if variant.git else "-1",
@@ -210,8 +240,11 @@ def train_command(scene: Path, work: Path, name: str, cfg: AblationConfig, varia
                   "--pipeline.density.every", str(s.every)]
     else:
         flags += ["--pipeline.density.cycles", "0"]
+    steps = {"all": cfg.steps, "rgb": s.git_step, "after_rgb": cfg.steps - s.git_step}[stage]
+    if stage == "after_rgb":
+        flags += ["--load-checkpoint", str(rgb_stage_checkpoint(work, cfg, seed))]
     return [
-        *cpu_train_command(scene, work / "outputs", EXPERIMENT, name, cfg.steps, seed),
+        *cpu_train_command(scene, work / "outputs", EXPERIMENT, name, steps, seed),
         "--pipeline.model.num-downscales", "0", "--pipeline.model.warmup-length", str(s.warmup),
         "--pipeline.model.stop-split-at", str(s.stop_split_at),
         "--pipeline.model.feature-start-step", str(s.feature_start),
@@ -326,30 +359,50 @@ def method_fingerprint() -> str:
     return hashlib.sha1(repr(trace3d_trainer_config().pipeline).encode("utf-8")).hexdigest()[:16]
 
 
-def run_record(command: List[str]) -> str:
-    """What ``command_record`` holds for a run trained by ``command`` under today's defaults."""
-    return " ".join(command) + f"\n# method defaults {method_fingerprint()}\n"
+def run_record(command: List[str], start: Optional[Path] = None) -> str:
+    """What ``command_record`` holds for a run trained by ``command`` under today's defaults; for a
+    run continued from the run folder ``start``, that run's record too (a retrained start retrains it)."""
+    text = " ".join(command) + f"\n# method defaults {method_fingerprint()}\n"
+    if start is not None:
+        recorded = command_record(start)
+        text += "# continued from " + (recorded.read_text() if recorded.is_file() else "an unrecorded run\n")
+    return text
 
 
-def is_trained(run: Path, steps: int, command: List[str]) -> bool:
-    """True when ``run`` has its final checkpoint and was trained by exactly ``command`` under the
-    same method defaults (a finished run is reused only for the same settings; a changed command or
-    default trains again)."""
+def is_trained(run: Path, steps: int, command: List[str], start: Optional[Path] = None) -> bool:
+    """True when ``run`` has its checkpoint of step ``steps - 1`` and was trained by exactly
+    ``command`` under the same method defaults (and continued from ``start`` as it is now): a
+    finished run is reused only for the same settings; a changed command or default trains again."""
     record = command_record(run)
     checkpoint = run / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt"
-    return checkpoint.is_file() and record.is_file() and record.read_text() == run_record(command)
+    return checkpoint.is_file() and record.is_file() and record.read_text() == run_record(command, start)
 
 
-def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path]) -> Dict[str, float]:
-    """Run the training commands, ``parallel`` at a time, and record each finished run's command in
-    its folder (``runs[name]``); raises naming the log of a failed run. Returns each run's wall time (s)."""
-    pending, running, wall = list(commands), {}, {}
+def train_runs(
+    commands: Dict[str, List[str]], work: Path, parallel: int, runs: Dict[str, Path],
+    after: Optional[Dict[str, Path]] = None,
+) -> Dict[str, float]:
+    """Run the training commands, ``parallel`` at a time, in order except that a run continued from
+    another run folder (``after[name]``) waits until that one is finished when it is among
+    ``runs``; record each finished run's command in its folder (``runs[name]``). Raises naming the
+    log of a failed run. Returns each run's wall time (s)."""
+    after = after or {}
+    folder_of = {folder: name for name, folder in runs.items()}
+    pending, running, wall, done = list(commands), {}, {}, set()
+
+    def ready(name: str) -> bool:
+        start = folder_of.get(after[name]) if name in after else None
+        return start is None or start in done
+
     while pending or running:
-        while pending and len(running) < parallel:
-            name = pending.pop(0)
+        while len(running) < parallel and any(ready(n) for n in pending):
+            name = next(n for n in pending if ready(n))
+            pending.remove(name)
             log = (work / f"train_{name}.log").open("w")
             running[name] = (subprocess.Popen(commands[name], cwd=work, stdout=log, stderr=subprocess.STDOUT,
                                               env=single_thread_env(parallel)), log, time.perf_counter())
+        if not running and pending:
+            raise RuntimeError(f"runs {pending} wait for runs that are not scheduled")
         for name, (proc, log, started) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -360,7 +413,8 @@ def train_runs(commands: Dict[str, List[str]], work: Path, parallel: int, runs: 
                     other.kill()
                 raise RuntimeError(f"ns-train ({name}) failed, see {work / f'train_{name}.log'}")
             wall[name] = time.perf_counter() - started
-            command_record(runs[name]).write_text(run_record(commands[name]))
+            done.add(name)
+            command_record(runs[name]).write_text(run_record(commands[name], after.get(name)))
         time.sleep(1.0)
     return wall
 
@@ -374,8 +428,8 @@ def prepare_scenes(work: Path, cfg: AblationConfig) -> Dict[str, str]:
         commands[f"scene_s{seed}"] = " ".join(cmd)
         record = scene_dir(work, seed) / "scene_command.txt"
         if not (record.is_file() and record.read_text() == " ".join(cmd)):
-            for variant in VARIANTS:  # runs on a previous scene of this seed are not reused
-                command_record(run_dir(work, run_name(variant, seed))).unlink(missing_ok=True)
+            for name in [rgb_stage_name(seed), *(run_name(v, seed) for v in VARIANTS)]:  # made on the previous scene
+                command_record(run_dir(work, name)).unlink(missing_ok=True)
             run_logged(cmd, work, work / f"scene_s{seed}.log")
             record.write_text(" ".join(cmd))
     return commands
@@ -391,11 +445,21 @@ def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = No
     start = time.perf_counter()
 
     commands = prepare_scenes(work, cfg)
-    train = {run_name(v, seed): train_command(scene_dir(work, seed), work, run_name(v, seed), cfg, VARIANTS[v], seed)
-             for seed in cfg.seeds for v in cfg.variants}  # seed-major: a finished seed is a complete comparison
+    train, steps, after = {}, {}, {}  # seed-major: a finished seed is a complete comparison
+    for seed in cfg.seeds:
+        scene, rgb = scene_dir(work, seed), rgb_stage_name(seed)
+        train[rgb], steps[rgb] = rgb_stage_command(scene, work, cfg, seed), cfg.schedule.git_step
+        for v in cfg.variants:
+            name = run_name(v, seed)
+            train[name] = train_command(scene, work, name, cfg, VARIANTS[v], seed, stage="after_rgb")
+            steps[name], after[name] = cfg.steps, run_dir(work, rgb)
     commands.update({f"train_{k}": " ".join(v) for k, v in train.items()})
-    todo = {k: v for k, v in train.items() if not is_trained(run_dir(work, k), cfg.steps, v)}
-    train_wall = train_runs(todo, work, cfg.parallel, {k: run_dir(work, k) for k in todo})
+    retrain = {k for k in train if k not in after and not is_trained(run_dir(work, k), steps[k], train[k])}
+    retrain |= {k for k, start in after.items()  # a variant whose RGB stage trains again trains again
+                if start.name in retrain or not is_trained(run_dir(work, k), steps[k], train[k], start)}
+    todo = {k: v for k, v in train.items() if k in retrain}
+    train_wall = train_runs(todo, work, cfg.parallel, {k: run_dir(work, k) for k in todo},
+                            {k: v for k, v in after.items() if k in todo})
     train_s = time.perf_counter() - start
 
     out: Dict = {"config": asdict(cfg), "schedule": asdict(cfg.schedule), "work_dir": str(work), "trained": sorted(todo),
