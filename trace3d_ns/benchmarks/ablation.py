@@ -445,10 +445,14 @@ def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = No
     start = time.perf_counter()
 
     commands = prepare_scenes(work, cfg)
-    train, steps, after = {}, {}, {}  # seed-major: a finished seed is a complete comparison
+    # the RGB stages first (with two at a time, the last one trains beside the first variants instead
+    # of alone), then the variants seed-major (a finished seed is a complete comparison)
+    train, steps, after = {}, {}, {}
+    for seed in cfg.seeds:
+        rgb = rgb_stage_name(seed)
+        train[rgb], steps[rgb] = rgb_stage_command(scene_dir(work, seed), work, cfg, seed), cfg.schedule.git_step
     for seed in cfg.seeds:
         scene, rgb = scene_dir(work, seed), rgb_stage_name(seed)
-        train[rgb], steps[rgb] = rgb_stage_command(scene, work, cfg, seed), cfg.schedule.git_step
         for v in cfg.variants:
             name = run_name(v, seed)
             train[name] = train_command(scene, work, name, cfg, VARIANTS[v], seed, stage="after_rgb")
