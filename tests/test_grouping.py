@@ -102,6 +102,9 @@ def test_neighbour_pairs_are_unique_and_ordered():
     assert pairs.shape[0] == 2 and (pairs[0] < pairs[1]).all()
     assert {tuple(p) for p in pairs.T} >= {(0, 1), (2, 3)}
     assert neighbour_pairs(means[:1], 4).shape == (2, 0)
+    means[1] = np.nan  # e.g. a diverged Gaussian: no neighbours, the others still pair up
+    pairs = neighbour_pairs(means, 1)
+    assert 1 not in pairs and {tuple(p) for p in pairs.T} >= {(0, 2), (2, 3)}
 
 
 def test_average_linkage_refuses_counts_in_views_without_gaussians():

@@ -58,16 +58,18 @@ class GroupingConfig:
 
 
 def neighbour_pairs(means: np.ndarray, k: int) -> np.ndarray:
-    """Pairs [2, E] (i < j, unique) of Gaussians among each other's ``k`` nearest centres. ``means`` [N, 3]."""
+    """Pairs [2, E] (i < j, unique) of Gaussians among each other's ``k`` nearest centres. ``means`` [N, 3];
+    a Gaussian with a non-finite centre has no neighbours."""
     from scipy.spatial import cKDTree
 
-    n = len(means)
+    index = np.flatnonzero(np.isfinite(means).all(axis=1))  # [n]
+    n = len(index)
     k = min(k, n - 1)
     if k < 1:
         return np.zeros((2, 0), dtype=np.int64)
-    _, nearest = cKDTree(means).query(means, k=k + 1)  # [N, k + 1], self first (ties aside)
-    a = np.repeat(np.arange(n), k + 1)
-    b = nearest.reshape(-1).astype(np.int64)
+    _, nearest = cKDTree(means[index]).query(means[index], k=k + 1)  # [n, k + 1], self first (ties aside)
+    a = index[np.repeat(np.arange(n), k + 1)]
+    b = index[nearest.reshape(-1)]
     keep = a != b
     lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
     return np.unique(np.stack([lo, hi]), axis=1)
