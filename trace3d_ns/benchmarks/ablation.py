@@ -47,7 +47,7 @@ A run already in ``--work`` with its final checkpoint and the same training comm
 folder) is not trained again, unless its RGB stage trains again; a scene made by another command is
 generated again, and its runs trained again.
 
-**Measured** on each final checkpoint, loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
+**Measured** on each final checkpoint (``parallel`` runs at a time, one process each), loaded like ``trace3d-eval`` loads it (:func:`measure_run`):
 ``trace3d_ns.evaluation.harness`` with feature-similarity selection (the lifting Table 5 compares):
 ``object_iou_amodal`` and ``object_biou`` (the selection rendered alone against the object ray cast
 alone, on every test view where it is in frame), ``novel_view_miou``, ``test_psnr``, and the modal
@@ -330,6 +330,28 @@ def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, 
     return out
 
 
+def _measure_in_worker(kernel_threads: int, args: tuple) -> Dict:
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(min(kernel_threads, numba.config.NUMBA_NUM_THREADS))
+    return measure_run(*args)
+
+
+def measure_runs(jobs: Dict, parallel: int = 1) -> Dict:
+    """:func:`measure_run` of every job (key -> its arguments), ``parallel`` at a time in fresh
+    processes (each run's measuring is one thread; alone they leave the other cores idle). Results by key."""
+    if parallel <= 1 or len(jobs) <= 1:
+        return {key: measure_run(*args) for key, args in jobs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        threads = max(1, (os.cpu_count() or 1) // parallel)  # the compiled kernels' threads, shared
+        futures = {key: pool.submit(_measure_in_worker, threads, args) for key, args in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
 # ---- running ------------------------------------------------------------------------------------
 def single_thread_env(parallel: int = 1) -> Dict[str, str]:
     """Environment of a benchmark subprocess: one torch thread (many small ops run fastest on one),
@@ -468,14 +490,16 @@ def run_ablation(work: Optional[Path] = None, cfg: Optional[AblationConfig] = No
 
     out: Dict = {"config": asdict(cfg), "schedule": asdict(cfg.schedule), "work_dir": str(work), "trained": sorted(todo),
                  "train_wall_s_per_run": train_wall, "commands": commands, "runs": {}}
+    jobs = {(variant, seed): (run_dir(work, run_name(variant, seed)) / "config.yml", scene_dir(work, seed),
+                              work / "pictures" / f"ablation_{variant}.png" if seed == cfg.seeds[0] else None,
+                              cfg.picture_objects)
+            for variant in cfg.variants for seed in cfg.seeds}
+    measured = measure_runs(jobs, cfg.parallel)
     for variant in cfg.variants:
         out["runs"][variant] = {}
         for seed in cfg.seeds:
-            name = run_name(variant, seed)
-            picture = work / "pictures" / f"ablation_{variant}.png" if seed == cfg.seeds[0] else None
-            record = {"variant": asdict(VARIANTS[variant]), "seed": seed,
-                      **measure_run(run_dir(work, name) / "config.yml", scene_dir(work, seed), picture, cfg.picture_objects)}
-            cycles = run_dir(work, name) / "density_control.json"
+            record = {"variant": asdict(VARIANTS[variant]), "seed": seed, **measured[variant, seed]}
+            cycles = run_dir(work, run_name(variant, seed)) / "density_control.json"
             if cycles.is_file():
                 record["density_cycles"] = json.loads(cycles.read_text())
             out["runs"][variant][str(seed)] = record
