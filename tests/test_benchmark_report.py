@@ -257,3 +257,22 @@ def test_ablation_end_to_end_on_a_tiny_setting(tmp_path):
             assert result["summary"][variant][key]["values"]["0"] is not None
         assert (tmp_path / "out" / f"ablation_{variant}.png").is_file()
     assert len(result["runs"]["full"]["0"]["density_cycles"]) == 4
+
+
+def test_a_measurement_is_reused_only_for_the_same_run_arguments_and_code(tmp_path, monkeypatch):
+    from trace3d_ns.benchmarks import ablation
+    from trace3d_ns.benchmarks.ablation import command_record, measure_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    command_record(run).write_text("ns-train ...\n")
+    calls = []
+    monkeypatch.setattr(ablation, "measure_run", lambda *args: calls.append(args) or {"value": len(calls)})
+    job = {"a": (run / "config.yml", tmp_path / "scene", None, 4)}
+    assert measure_runs(job) == {"a": {"value": 1}}
+    assert measure_runs(job) == {"a": {"value": 1}} and len(calls) == 1  # kept in the run folder
+    assert measure_runs({"a": (run / "config.yml", tmp_path / "scene", None, 3)})["a"] == {"value": 2}  # other arguments
+    command_record(run).write_text("ns-train ... retrained\n")
+    assert measure_runs(job)["a"] == {"value": 3}  # the run was trained again
+    monkeypatch.setattr(ablation, "code_fingerprint", lambda: "other code")
+    assert measure_runs(job)["a"] == {"value": 4}

@@ -338,11 +338,55 @@ def _measure_in_worker(kernel_threads: int, args: tuple) -> Dict:
     return measure_run(*args)
 
 
+def code_fingerprint() -> str:
+    """Hash of every source file of the package: a measurement is reused only under the same code."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _measure_key(args: tuple) -> str:
+    """What a run's measurement depends on: the run (its command record), the arguments, the code."""
+    config_path = Path(args[0])
+    record = command_record(config_path.parent)
+    text = record.read_text() if record.is_file() else ""
+    return hashlib.sha1(json.dumps([text, [str(a) for a in args], code_fingerprint()]).encode()).hexdigest()
+
+
+def _measured_file(args: tuple) -> Path:
+    return Path(args[0]).parent / "measured.json"
+
+
+def _measure_cached(args: tuple) -> Dict:
+    """:func:`measure_run`, or the measurement kept in the run folder when it was made of the same
+    run, with the same arguments and code (its picture, if any, is drawn again when missing)."""
+    cached, key = _measured_file(args), _measure_key(args)
+    if cached.is_file():
+        kept = json.loads(cached.read_text())
+        picture = kept["result"].get("picture")
+        if kept.get("key") == key and (picture is None or Path(picture).is_file()):
+            return kept["result"]
+    result = measure_run(*args)
+    cached.write_text(json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+def _measure_in_worker(kernel_threads: int, args: tuple) -> Dict:
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(min(kernel_threads, numba.config.NUMBA_NUM_THREADS))
+    return _measure_cached(args)
+
+
 def measure_runs(jobs: Dict, parallel: int = 1) -> Dict:
     """:func:`measure_run` of every job (key -> its arguments), ``parallel`` at a time in fresh
-    processes (each run's measuring is one thread; alone they leave the other cores idle). Results by key."""
+    processes (each run's measuring is one thread; alone they leave the other cores idle). Results by
+    key; a run measured before under the same code is not measured again (``<run>/measured.json``)."""
     if parallel <= 1 or len(jobs) <= 1:
-        return {key: measure_run(*args) for key, args in jobs.items()}
+        return {key: _measure_cached(args) for key, args in jobs.items()}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
