@@ -330,14 +330,6 @@ def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, 
     return out
 
 
-def _measure_in_worker(kernel_threads: int, args: tuple) -> Dict:
-    import numba
-
-    torch.set_num_threads(1)
-    numba.set_num_threads(min(kernel_threads, numba.config.NUMBA_NUM_THREADS))
-    return measure_run(*args)
-
-
 def code_fingerprint() -> str:
     """Hash of every source file of the package: a measurement is reused only under the same code."""
     root = Path(__file__).resolve().parents[1]
