@@ -53,6 +53,35 @@ def test_projection_kernel_matches_torch_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_culled_gaussians_get_no_gradient_even_on_the_camera_plane(backend):
+    """A Gaussian exactly at the camera's depth 0 projects to inf; as in gsplat, culled Gaussians are
+    left out of the backward pass, so no 0 * inf reaches the parameters (it once left a few NaN
+    Gaussians per training run)."""
+    view = look_at((0.3, -0.4, 3.0))
+    cam = torch.linalg.inv(view)
+    origin, forward = cam[:3, 3], cam[:3, 2]
+    means = torch.stack([
+        origin,  # depth 0
+        origin - 0.5 * forward,  # behind
+        origin + 0.005 * forward,  # in front of the near plane
+        origin + 2.0 * forward + 50.0 * cam[:3, 0],  # far off screen
+        origin + 2.0 * forward,  # visible
+    ])
+    quats = torch.tensor([[1.0, 0.2, -0.1, 0.3]]).repeat(len(means), 1)
+    scales = torch.full((len(means), 3), 0.1)
+    leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales)]
+    project = project_gaussians if backend == "torch" else compiled.project
+    p = project(*leaves, view[None], intrinsics(W, H)[None], W, H, calc_compensations=True)
+    assert p.radii[0].tolist()[:4] == [0, 0, 0, 0] and p.radii[0, 4] > 0
+    outs = [p.means2d, p.depths, p.conics, p.compensations]
+    sum((o * v).sum() for o, v in zip(outs, _random_cotangents(outs))).backward()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+        assert torch.all(t.grad[:4] == 0)
+        assert t.grad[4].abs().sum() > 0
+
+
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
 def test_sh_kernel_matches_torch_with_gradients(degree):
     means, *_ = random_gaussians(300, seed=degree)

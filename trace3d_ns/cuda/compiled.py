@@ -308,7 +308,7 @@ class _Project(torch.autograd.Function):
             kernels.project_forward(
                 *arrays, width, height, eps2d, near_plane, far_plane, radius_clip, radii, means2d, depths, conics, comp
             )
-        ctx.arrays, ctx.settings = arrays, settings
+        ctx.arrays, ctx.settings, ctx.radii = arrays, settings, radii
         ctx.mark_non_differentiable(radii := torch.from_numpy(radii))
         return radii, torch.from_numpy(means2d), torch.from_numpy(depths), torch.from_numpy(conics), torch.from_numpy(comp)
 
@@ -322,10 +322,10 @@ class _Project(torch.autograd.Function):
         v_scales = np.empty_like(ctx.arrays[2])
         with _LOCK:
             kernels.project_backward(
-                *ctx.arrays, width, height, eps2d, _np(v_means2d, np.float32), _np(v_depths, np.float32),
+                *ctx.arrays, width, height, eps2d, ctx.radii, _np(v_means2d, np.float32), _np(v_depths, np.float32),
                 _np(v_conics, np.float32), _np(v_comp, np.float32), v_means, v_quats, v_scales,
             )
-        ctx.arrays = None
+        ctx.arrays = ctx.radii = None
         return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, None, None
 
 

@@ -151,6 +151,7 @@ def project_backward(
     width,
     height,
     eps2d,
+    radii,  # [C, N] int32, 0 = culled: no gradient (as gsplat)
     v_means2d,  # [C, N, 2]
     v_depths,  # [C, N]
     v_conics,  # [C, N, 3]
@@ -181,7 +182,11 @@ def project_backward(
             vm0 = 0.0
             vm1 = 0.0
             vm2 = 0.0
+            seen = False
             for cam in range(C):
+                if radii[cam, n] <= 0:
+                    continue
+                seen = True
                 V = viewmats[cam]
                 fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
                 tx, ty, tz = _to_camera(V, means, n, S, RS, Sc)
@@ -271,6 +276,10 @@ def project_backward(
                 vm1 += V[0, 1] * vtx + V[1, 1] * vty + V[2, 1] * vtz
                 vm2 += V[0, 2] * vtx + V[1, 2] * vty + V[2, 2] * vtz
             v_means[n, 0], v_means[n, 1], v_means[n, 2] = vm0, vm1, vm2
+            if not seen:
+                v_quats[n, :] = 0.0
+                v_scales[n, :] = 0.0
+                continue
             # S = M M^T: v_M = (vS + vS^T) M
             for i in range(3):
                 for j in range(3):

@@ -58,6 +58,11 @@ def project_gaussians(
     t = viewmats[:, :3, 3]  # [C, 3]
     means_c = torch.einsum("cij,nj->cni", R, means) + t[:, None]  # [C, N, 3]
     covars_c = torch.einsum("cij,njk,clk->cnil", R, covariance_3d(quats, scales), R)  # [C, N, 3, 3]
+    # Gaussians at or behind the near plane are culled; their projection divides by a depth that
+    # may be 0, so they are cut from the graph (0 * inf would put NaN into the parameters' grads).
+    in_front = (means_c[..., 2] > near_plane).detach()  # [C, N]
+    means_c = torch.where(in_front[..., None], means_c, means_c.detach())
+    covars_c = torch.where(in_front[..., None, None], covars_c, covars_c.detach())
 
     tx, ty, tz = means_c.unbind(-1)  # [C, N]
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
@@ -89,4 +94,10 @@ def project_gaussians(
         x, y = means2d[..., 0], means2d[..., 1]
         keep &= (x + radius > 0) & (x - radius < width) & (y + radius > 0) & (y - radius < height)
         radii = torch.where(keep, radius, torch.zeros_like(radius)).int()
+    # As in gsplat, a culled Gaussian's outputs carry no gradient.
+    means2d = torch.where(keep[..., None], means2d, means2d.detach())
+    tz = torch.where(keep, tz, tz.detach())
+    conics = torch.where(keep[..., None], conics, conics.detach())
+    if compensations is not None:
+        compensations = torch.where(keep, compensations, compensations.detach())
     return Projection(radii, means2d, tz, conics, compensations)
