@@ -220,11 +220,13 @@ def test_a_finished_run_is_reused_only_for_the_same_command_and_defaults(tmp_pat
     command_record(run).write_text(run_record(cmd))
     assert is_trained(run, 10, cmd)
     assert not is_trained(run, 10, cmd[:-1] + ["20"]) and not is_trained(run, 20, cmd)
+    assert is_trained(run, 10, ["/another/venv/bin/ns-train", *cmd[1:]])  # the same command from elsewhere
     monkeypatch.setattr(ablation, "method_fingerprint", lambda: "another default")
     assert not is_trained(run, 10, cmd)
 
 
-def test_a_changed_scene_is_generated_again_and_its_runs_retrained(tmp_path):
+def test_a_changed_scene_is_generated_again_and_its_runs_retrained(tmp_path, monkeypatch):
+    from trace3d_ns.benchmarks import ablation
     from trace3d_ns.benchmarks.ablation import command_record, prepare_scenes, run_dir
 
     cfg = ablation_config(size=24, views=3, objects=2, seeds=[4])
@@ -236,6 +238,10 @@ def test_a_changed_scene_is_generated_again_and_its_runs_retrained(tmp_path):
     record.write_text("trained")
     first = scene.stat().st_mtime_ns
     prepare_scenes(tmp_path, cfg)  # same command: nothing happens
+    assert scene.stat().st_mtime_ns == first and record.is_file()
+    with monkeypatch.context() as m:  # the same command from another virtual environment: nothing either
+        m.setattr(ablation, "BIN", tmp_path / "elsewhere" / "bin")
+        assert str(tmp_path / "elsewhere") in prepare_scenes(tmp_path, cfg)["scene_s4"]
     assert scene.stat().st_mtime_ns == first and record.is_file()
     prepare_scenes(tmp_path, ablation_config(size=24, views=3, objects=3, seeds=[4]))
     assert len(json.loads(scene.read_text())["objects"]) == 3 and not record.exists()

@@ -417,10 +417,16 @@ def method_fingerprint() -> str:
     return hashlib.sha1(repr(trace3d_trainer_config().pipeline).encode("utf-8")).hexdigest()[:16]
 
 
+def command_text(command: List[str]) -> str:
+    """A command as the records hold it: the executable by name, so that a run or scene is
+    recognised whichever virtual environment (path) launched it."""
+    return " ".join([Path(command[0]).name, *command[1:]])
+
+
 def run_record(command: List[str], start: Optional[Path] = None) -> str:
     """What ``command_record`` holds for a run trained by ``command`` under today's defaults; for a
     run continued from the run folder ``start``, that run's record too (a retrained start retrains it)."""
-    text = " ".join(command) + f"\n# method defaults {method_fingerprint()}\n"
+    text = command_text(command) + f"\n# method defaults {method_fingerprint()}\n"
     if start is not None:
         recorded = command_record(start)
         text += "# continued from " + (recorded.read_text() if recorded.is_file() else "an unrecorded run\n")
@@ -485,11 +491,11 @@ def prepare_scenes(work: Path, cfg: AblationConfig) -> Dict[str, str]:
         cmd = scene_command(scene_dir(work, seed), cfg, seed)
         commands[f"scene_s{seed}"] = " ".join(cmd)
         record = scene_dir(work, seed) / "scene_command.txt"
-        if not (record.is_file() and record.read_text() == " ".join(cmd)):
+        if not (record.is_file() and record.read_text() == command_text(cmd)):
             for name in [rgb_stage_name(seed), *(run_name(v, seed) for v in VARIANTS)]:  # made on the previous scene
                 command_record(run_dir(work, name)).unlink(missing_ok=True)
             run_logged(cmd, work, work / f"scene_s{seed}.log")
-            record.write_text(" ".join(cmd))
+            record.write_text(command_text(cmd))
     return commands
 
 
