@@ -335,3 +335,36 @@ def test_no_link_candidate_is_no_link():
     assert result.stats.cross_view_links == 0
     labels = result.gaussian_labels
     assert labels[0] > 0 and labels[20] > 0
+
+
+def test_each_segment_of_a_view_keeps_a_region_of_its_own():
+    from trace3d_ns.git.merging import _separate_segments
+
+    # View 0: patches 1, 2, 3 (2 and 3 one segment); view 1: patches 5, 6 (one segment); 0, 4 = patch 0.
+    segment = np.array([0, 1, 2, 2, 4, 5, 5])
+    votes = np.array([0, 7, 7, 8, 0, 7, 9])  # patch 1 votes for the id the heavier segment {2, 3} holds
+    traced = np.array([0, 5, 10, 2, 0, 4, 1])
+    view = np.array([0, 0, 0, 0, 1, 1, 1])
+    real = np.array([False, True, True, True, False, True, True])
+    ids = _separate_segments(votes, segment, traced, view, real, max_label=11)
+    assert ids.tolist() == [0, 12, 7, 7, 0, 7, 7]
+
+
+def test_segments_partition_every_view_and_ids_do_not():
+    # B (10 Gaussians) lies between A and C (25 each). Views 1 and 2 join it with A, views 3 and 4 with
+    # C; view 0 sees all three apart. The joined patches map most of their Gaussians onto A (or C)
+    # and join that instance; B's own patch links nowhere, so B's Gaussians are labelled A (tie with
+    # C, the smaller id). With ids, view 0 then paints B as A; with segments B keeps a region (and an
+    # id) of its own there, which refinement does not split.
+    a, b, c = list(range(25)), list(range(25, 35)), list(range(35, 60))
+    views = [[a, b, c], [a + b, c], [a + b, c], [a, b + c], [a, b + c]]
+    by_ids = _run(views, MergeConfig(min_traced=3, view_partition="ids"))
+    ours = _run(views, MergeConfig(min_traced=3, view_partition="segments"))
+    assert torch.equal(by_ids.gaussian_labels, ours.gaussian_labels)  # the same labels either way
+    assert int(ours.gaussian_labels[30]) == int(ours.gaussian_labels[0])  # B carries A's id
+    assert by_ids.patch_to_global[0].tolist() == [0, 1, 1, 2]  # B painted as A in view 0
+    lut = ours.patch_to_global[0].tolist()
+    assert lut[1] == 1 and lut[3] == 2 and lut[2] not in (0, 1, 2) and ours.stats.view_only_ids == 1
+    assert float(ours.patch_purity[0][2]) == 1.0 and ours.stats.num_instances == 2
+    for v in range(1, 5):
+        assert torch.equal(ours.patch_to_global[v], by_ids.patch_to_global[v])
