@@ -282,3 +282,18 @@ def test_a_measurement_is_reused_only_for_the_same_run_arguments_and_code(tmp_pa
     assert measure_runs(job)["a"] == {"value": 3}  # the run was trained again
     monkeypatch.setattr(ablation, "code_fingerprint", lambda: "other code")
     assert measure_runs(job)["a"] == {"value": 4}
+
+
+def test_benchmark_subprocesses_import_the_benchmarks_own_package(tmp_path):
+    """A benchmark run from a snapshot of the repository trains with that snapshot's code, not with
+    the copy the virtual environment installed (an editable install points at the main checkout)."""
+    import subprocess
+    import sys
+
+    from trace3d_ns.benchmarks.ablation import PACKAGE_ROOT, single_thread_env
+
+    env = single_thread_env(2)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(PACKAGE_ROOT)
+    out = subprocess.run([sys.executable, "-c", "import trace3d_ns; print(trace3d_ns.__file__)"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve() == PACKAGE_ROOT / "trace3d_ns" / "__init__.py"

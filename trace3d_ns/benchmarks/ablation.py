@@ -79,6 +79,9 @@ import numpy as np
 import torch
 
 BIN = Path(sys.executable).parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding the ``trace3d_ns`` that runs the benchmark: its subprocesses (``ns-train``,
+``trace3d-scene``) import that one too, not whichever copy the environment installed."""
 EXPERIMENT = "ablation"
 
 
@@ -391,10 +394,13 @@ def measure_runs(jobs: Dict, parallel: int = 1) -> Dict:
 # ---- running ------------------------------------------------------------------------------------
 def single_thread_env(parallel: int = 1) -> Dict[str, str]:
     """Environment of a benchmark subprocess: one torch thread (many small ops run fastest on one),
-    and the compiled kernels' threads shared among the ``parallel`` runs (one each when two run on
-    two cores: more would only make them take turns)."""
+    the compiled kernels' threads shared among the ``parallel`` runs (one each when two run on
+    two cores: more would only make them take turns), and this benchmark's own package first on
+    the import path (see ``PACKAGE_ROOT``)."""
     kernel_threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": str(kernel_threads)}
+    path = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": str(kernel_threads),
+            "PYTHONPATH": path}
 
 
 def run_logged(cmd: List[str], cwd: Path, log: Path) -> None:
