@@ -164,3 +164,17 @@ def test_feature_clustering_recovers_separated_instances():
     assert torch.equal(labels[:770], truth + 1)  # every Gaussian, sampled or not, in its own cluster
     assert labels[770] == 0 and confidence[770] == 0.0
     assert (confidence[:770] > 0.9).all()
+
+
+def test_features_of_one_object_form_one_cluster():
+    """A scene that is one object (the Blender LEGO: no background Gaussians) lifts one feature
+    direction; HDBSCAN alone calls that all noise, which left every Gaussian unlabelled."""
+    from trace3d_ns.features.clustering import FeatureClusteringConfig, cluster_features
+
+    g = torch.Generator().manual_seed(1)
+    direction = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=-1)
+    features = direction + 0.05 * torch.randn(600, 16, generator=g)
+    labels, confidence = cluster_features(features, FeatureClusteringConfig(max_samples=400))
+    assert torch.equal(labels, torch.ones(600, dtype=torch.long)) and (confidence > 0.9).all()
+    few = cluster_features(features[:10], FeatureClusteringConfig(min_cluster_size=30))[0]
+    assert torch.equal(few, torch.zeros(10, dtype=torch.long))  # fewer than a cluster's size: none

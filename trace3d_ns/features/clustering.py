@@ -40,7 +40,13 @@ def cluster_features(features: Tensor, config: FeatureClusteringConfig = Feature
     generator = torch.Generator().manual_seed(config.seed)
     sample = torch.randperm(n, generator=generator)[: config.max_samples].to(unit.device)  # [S]
     points = unit[sample].cpu().numpy()
-    found = HDBSCAN(min_cluster_size=config.min_cluster_size).fit_predict(points) if len(points) > 1 else np.full(len(points), -1)
+    found = np.full(len(points), -1)
+    if len(points) >= max(2, config.min_cluster_size):  # fewer points than one cluster: none (HDBSCAN would raise)
+        found = HDBSCAN(min_cluster_size=config.min_cluster_size).fit_predict(points)
+        if not (found >= 0).any():
+            # HDBSCAN never returns the root as a cluster by default, so features that form one cluster
+            # (a scene that is one object, e.g. the Blender LEGO) came back as all noise: allow it.
+            found = HDBSCAN(min_cluster_size=config.min_cluster_size, allow_single_cluster=True).fit_predict(points)
     ids, sizes = np.unique(found[found >= 0], return_counts=True)
     if len(ids) == 0:
         return torch.zeros(n, dtype=torch.long, device=unit.device), torch.zeros(n, device=unit.device)
