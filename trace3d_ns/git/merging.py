@@ -59,6 +59,13 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   wins, so a Gaussian some views leave unmasked keeps the id the others give it. Its confidence is
   the winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere). With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
   weighted by its purity under the first vote's labels (patch 0's weight stays 1).
+- **Each view's partition** (``view_partition="segments"``): the maps train the features with a
+  contrastive loss over the pixels of one view, so what a view's map must get right is which of its
+  pixels belong together. Every within-view segment stays one region there, under its heaviest
+  patch's id, or under an id of its own when a heavier segment of the view holds that one: two
+  segments the view's own merging kept apart are never painted as one object because their
+  Gaussians carry the same label (e.g. a box SAM joins with a neighbour in a few views, whose
+  instance then wins the box's vote).
 
 The sparse products run on the CPU with scipy; the results come back on the store's device.
 """
