@@ -4,7 +4,8 @@
 # DTU scan 37 (400x300) and the Blender LEGO (200x200), trained and measured on the CPU. Each seed's RGB stage
 # (steps 0-2499) trains once and its 4 variants continue from it; two runs at a time, an RGB-stage pair took
 # 13 min and a variant pair 15-19 min (2026-12-01, beside other work), so the ablation trains in about 2 h;
-# its 12 runs measure two at a time (about 2 min each); the foreground runs (full resolution since 2026-12-01) are not timed yet.
+# its 12 runs measure two at a time (about 2 min each); the foreground runs (full resolution since 2026-12-01) took
+# 23 min (DTU) and about 16 min (LEGO) beside two other trainings, plus a few minutes of measuring each.
 # Usage: bash scripts/benchmarks.sh [WORK_DIR]   (default ./benchmark_runs; finished runs are reused)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
