@@ -63,6 +63,7 @@ truth against the extracted objects (:mod:`trace3d_ns.benchmarks.pictures`).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -333,8 +334,10 @@ def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, 
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """Hash of every source file of the package: a measurement is reused only under the same code."""
+    """Hash of every source file of the package as this process found it (once: the code it loaded),
+    so that a measurement is reused only under the same code."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha1()
     for path in sorted(root.rglob("*.py")):

@@ -214,8 +214,8 @@ class ConsistentInstances:
     patch_purity: List[Tensor]
     """Per view, float32 [num_patches[v]]: share of the patch's weight (alpha * T drawn in it by the
     seen Gaussians) whose Gaussians' label is the patch's id (1 where no seen Gaussian is drawn in
-    it, 0 for patch 0). A low value
-    marks a patch that holds several instances (e.g. neighbours SAM merged in this view), which
+    it, and for a patch whose id is not its own vote, see ``MergeConfig.view_partition``; 0 for
+    patch 0). A low value marks a patch that holds several instances (e.g. neighbours SAM merged in this view), which
     :func:`refine_maps` splits with the rendered labels."""
     gaussian_labels: Tensor  # [N] int64 global id, 0 = none
     gaussian_confidence: Tensor  # [N] float32 in [0, 1]
