@@ -496,6 +496,8 @@ def test_ns_train_with_explicit_cuda_and_no_gpu_keeps_the_clear_error(tmp_path):
 # ---- trace3d-bench scale ----------------------------------------------------------------------------
 def test_scale_benchmark_reports_memory_and_time_on_a_tiny_scene():
     from trace3d_ns.benchmarks.scale import make_scene, patch_map, run_scale_benchmark
+    from trace3d_ns.git.tracing import TraceConfig
+    from trace3d_ns.rendering import resolve_backend
 
     scene = make_scene(5000, 3, 48)
     assert scene.num_gaussians == 5000 and scene.viewmats.shape == (3, 4, 4)
@@ -508,3 +510,11 @@ def test_scale_benchmark_reports_memory_and_time_on_a_tiny_scene():
     assert result["peak_over_store"] == pytest.approx(
         (result["peak_rss_bytes"] - result["baseline_rss_bytes"]) / result["store_bytes"]
     )
+    # it traces as trace_model does on the CPU: the compiled kernel's per-patch sums, which build the
+    # same store as the torch reference's listed pairs summed per patch
+    assert result["backend"] == resolve_backend("auto", torch.device("cpu")) and result["per_view"] == "per-patch sums"
+    reference = run_scale_benchmark(num_gaussians=5000, num_views=3, size=48, threads=1, backend="torch")
+    assert reference["backend"] == "torch"
+    assert (reference["observations"], reference["entries"]) == (result["observations"], result["entries"])
+    counted = run_scale_benchmark(num_gaussians=5000, num_views=3, size=48, threads=1, config=TraceConfig(mode="count"))
+    assert counted["per_view"] == "pairs" and counted["observations"] > 0

@@ -21,7 +21,8 @@ def _scale(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.scale import run_scale_benchmark
 
     return run_scale_benchmark(
-        num_gaussians=args.gaussians or 1_000_000, num_views=args.views or 200, size=args.size or 256, threads=args.threads
+        num_gaussians=args.gaussians or 1_000_000, num_views=args.views or 200, size=args.size or 256, threads=args.threads,
+        backend=args.backend,
     )
 
 
@@ -101,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--views", type=int, default=None, help="scale: number of views (default 200); ablation, density: views per scene (default 40)")
     parser.add_argument("--threads", type=int, default=None, help="scale: torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
+    parser.add_argument("--backend", choices=("auto", "compiled", "torch"), default="auto",
+                        help="scale: rasterizer backend of the tracing (as the model's rasterizer field; auto: compiled on the CPU)")
     parser.add_argument("--work", type=Path, default=None,
                         help="ablation, density, foreground: working folder (finished trainings in it are reused); "
                         "step: where its scene and runs go (default: a temporary folder)")

@@ -19,7 +19,7 @@ import torch
 
 from trace3d_ns.git.surface_gaussians import SurfaceGaussiansConfig, SurfaceScene, surface_scene
 from trace3d_ns.git.tracing import TraceAccumulator, TraceConfig
-from trace3d_ns.rendering import contributions, rasterize
+from trace3d_ns.rendering import contributions, rasterize, resolve_backend
 from trace3d_ns.scene.generate import SceneSpec
 
 
@@ -103,7 +103,7 @@ def run_trace_benchmark(
 
     dense_bytes = 4 * n * dense_patches * num_views
     return {
-        "backend": "cpu (torch tile rasterizer)",
+        "backend": resolve_backend("auto", torch.device("cpu")),
         "threads": 1,
         "num_gaussians": n,
         "num_views": num_views,
