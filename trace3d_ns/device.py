@@ -73,3 +73,26 @@ def require_gsplat_cuda() -> None:
             f"{torch.version.cuda} and put its bin/ on PATH (or set CUDA_HOME), or run on the CPU: add {CPU_HINT} "
             "(ns-viewer and ns-export: run them with CUDA_VISIBLE_DEVICES= to use the CPU)."
         )
+
+
+_LIBC_TRIM = None
+
+
+def release_freed_host_memory() -> bool:
+    """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``); False where there is no
+    glibc. Per-view loops call it between views: glibc raises its mmap threshold after freeing a
+    large block, so later per-view arrays of that size come from the heap, and freed ones stay in
+    the process. Measured tracing 1M Gaussians over 40 views at 256 px (``trace3d-bench scale``'s
+    scene): the resident set after the loop was 3.5x the store without it, 0.5x with it."""
+    global _LIBC_TRIM
+    if _LIBC_TRIM is None:
+        try:
+            import ctypes
+
+            _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC_TRIM = False
+    if _LIBC_TRIM is False:
+        return False
+    _LIBC_TRIM(0)
+    return True

@@ -187,6 +187,23 @@ class Contributions:
 IndicesFn = Callable[..., Tuple[Tensor, Tensor, Tensor]]
 
 
+def _project_one_view(
+    backend: str, means: Tensor, quats: Tensor, scales: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
+    eps2d: float, near_plane: float, far_plane: float, rasterize_mode: str,
+):
+    """(radii, means2d, depths, conics, compensations or None) of one camera ([1, N, ...]): the
+    compiled projection on the compiled backend (no [N, 3, 3] torch temporaries: at 1M Gaussians
+    those were most of a traced view's working memory), the torch one otherwise."""
+    if backend == "compiled":
+        from trace3d_ns.cuda.compiled import project
+    else:
+        from trace3d_ns.cuda.projection import project_gaussians as project
+    return project(
+        means, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane,
+        far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+    )
+
+
 @torch.no_grad()
 def contributions(
     means: Tensor,  # [N, 3]
@@ -213,7 +230,6 @@ def contributions(
     the torch twin `trace3d_ns.cuda.indices.rasterize_to_indices_in_range` to exercise this path).
     On the CPU the compiled kernels list the pairs in the same order.
     """
-    from trace3d_ns.cuda.projection import project_gaussians
     from trace3d_ns.cuda.rasterization import pair_weights
     from trace3d_ns.cuda.tiles import intersect_tiles
 
@@ -230,11 +246,10 @@ def contributions(
         _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th)
         offsets = isect_offset_encode(isect_ids, 1, tw, th)
     else:
-        proj = project_gaussians(
-            means, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane,
-            far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        radii, means2d, depths, conics, comp = _project_one_view(
+            backend if indices_fn is None else "torch", means, quats, scales, viewmat, K, width, height, eps2d,
+            near_plane, far_plane, rasterize_mode,
         )
-        radii, means2d, depths, conics, comp = proj
         if indices_fn is not None:
             tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
             isect = intersect_tiles(means2d, radii, depths, tile_size, tw, th)
@@ -299,11 +314,9 @@ def patch_weights(
 
         return sum_pairs_by_patch(c.gaussian_ids, labels, c.weights)
     from trace3d_ns.cuda import compiled
-    from trace3d_ns.cuda.projection import project_gaussians
 
-    radii, means2d, depths, conics, comp = project_gaussians(
-        means, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane,
-        far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+    radii, means2d, depths, conics, comp = _project_one_view(
+        backend, means, quats, scales, viewmat, K, width, height, eps2d, near_plane, far_plane, rasterize_mode
     )
     opac = opacities if comp is None else opacities * comp[0]  # [N]
     return compiled.patch_weights(means2d[0], conics[0], opac, radii[0], depths[0], patch_map, tile_size)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trace3d_ns.device import release_freed_host_memory
 from trace3d_ns.git.tracing import TraceAccumulator, TraceConfig
 from trace3d_ns.rendering import contributions, patch_weights, resolve_backend
 
@@ -223,6 +224,7 @@ def run_scale_benchmark(
                 acc.add_view_sums(v, *_patch_sums(scene, v, maps[v], backend), int(maps[v].max()) + 1)
             else:
                 acc.add_view(v, _contributions(scene, v, backend), maps[v])
+            release_freed_host_memory()
         store = acc.build()
         trace_s = time.perf_counter() - start
         peak = _peak_rss_bytes() if reset else None

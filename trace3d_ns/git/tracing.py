@@ -532,6 +532,7 @@ def trace_model(
     """
     from rich.progress import track
 
+    from trace3d_ns.device import release_freed_host_memory
     from trace3d_ns.rendering import patch_weights
 
     g = model.activated_gaussians()
@@ -541,13 +542,16 @@ def trace_model(
         patch_map = patch_maps[i].to(model.device)
         if acc.config.mode != "weight":
             acc.add_view(i, view_contributions(model, cameras, i, tuple(patch_map.shape), g), patch_map)
-            continue
-        viewmat, K = _view_camera(model, cameras, i, tuple(patch_map.shape))
-        sums = patch_weights(
-            g["means"], g["quats"], g["scales"], g["opacities"], viewmat, K, patch_map,
-            rasterize_mode=model.config.rasterize_mode, backend=model.config.rasterizer,
-        )  # per (Gaussian, patch), without listing the view's pairs on the compiled backend
-        acc.add_view_sums(i, *sums, int(patch_map.max()) + 1 if patch_map.numel() else 1)
+        else:
+            viewmat, K = _view_camera(model, cameras, i, tuple(patch_map.shape))
+            sums = patch_weights(
+                g["means"], g["quats"], g["scales"], g["opacities"], viewmat, K, patch_map,
+                rasterize_mode=model.config.rasterize_mode, backend=model.config.rasterizer,
+            )  # per (Gaussian, patch), without listing the view's pairs on the compiled backend
+            acc.add_view_sums(i, *sums, int(patch_map.max()) + 1 if patch_map.numel() else 1)
+            del sums
+        if model.device.type == "cpu":
+            release_freed_host_memory()  # the view's arrays, so that the store is what stays
     return acc.build()
 
 
