@@ -52,7 +52,8 @@ def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tenso
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
     if features.shape[0] < 2:
         return None
-    positive = (labels[:, None] == labels[None, :]) & (labels > 0)[:, None]  # [M, M] label 0: no positives
+    positive = labels[:, None] == labels[None, :]  # [M, M]
+    positive &= (labels > 0)[:, None]  # label 0: no positives
     positive.fill_diagonal_(False)
     has_positive = positive.any(dim=1)  # [M]
     return (positive, has_positive) if has_positive.any() else None
@@ -80,13 +81,18 @@ smaller value: below it float32 goes denormal, and denormal arithmetic made the 
 The loss changes by less than M * 2e-35 relative (nothing at float32 precision)."""
 
 
-def _shifted_exp(logits: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """(exp(logits - row max) floored at exp(_FLOOR), 0 outside ``mask`` [M, M]; row max [M]),
-    maxima over ``mask`` only (rows without one get max 0 and all zeros)."""
-    masked = logits.masked_fill(~mask, float("-inf"))  # [M, M]
-    top = masked.max(dim=1).values  # [M]
+def _shifted_exp(masked: Tensor, excluded: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """In place on ``masked`` [M, M] (logits with -inf where they do not count): (exp(logits - row
+    max) floored at exp(_FLOOR), 0 where excluded; row max [M]). ``excluded`` [M, M] bool marks the
+    entries that do not count (None: only the diagonal); rows with none that count get max 0 and
+    all zeros."""
+    top = masked.amax(dim=1)  # [M]
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    soft = masked.sub_(top[:, None]).clamp_(min=_FLOOR).exp_().mul_(mask)  # [M, M]
+    soft = masked.sub_(top[:, None]).clamp_(min=_FLOOR).exp_()  # [M, M]
+    if excluded is None:
+        soft.fill_diagonal_(0.0)
+    else:
+        soft.masked_fill_(excluded, 0.0)
     return soft, top
 
 
@@ -101,12 +107,11 @@ class _Contrastive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, positive, has_positive, temperature):
-        sq = (features * features).sum(dim=1)  # [M]
-        logits = torch.addmm(-temperature * (sq[:, None] + sq[None, :]), features, features.T, alpha=2.0 * temperature)
-        others = torch.ones_like(positive)
-        others.fill_diagonal_(False)  # u' != u
-        soft_all, top_all = _shifted_exp(logits, others)  # [M, M], [M]
-        soft_pos, top_pos = _shifted_exp(logits, positive)
+        sq = (features * features).sum(dim=1).mul_(temperature)[:, None]  # [M, 1] tau |f|^2
+        logits = torch.mm(features, features.T).mul_(2.0 * temperature).sub_(sq).sub_(sq.T)  # [M, M], in place
+        soft_all, top_all = _shifted_exp(logits.clone().fill_diagonal_(float("-inf")), None)  # [M, M] u' != u; [M]
+        not_positive = ~positive
+        soft_pos, top_pos = _shifted_exp(logits.masked_fill_(not_positive, float("-inf")), not_positive)  # logits used up
         sum_all, sum_pos = soft_all.sum(dim=1), soft_pos.sum(dim=1)  # [M] >= 1 where the row has entries
         rows = has_positive.nonzero().squeeze(1)  # [n]
         lse_pos = top_pos[rows] + torch.log(sum_pos[rows])
