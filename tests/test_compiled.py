@@ -256,3 +256,26 @@ def test_backend_choice_is_validated():
         resolve_backend("gsplat", torch.device("cpu"))
     with pytest.raises(ValueError, match="must be one of"):
         resolve_backend("vulkan", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("grad_to_geometry", [False, True])
+def test_extra_channels_with_a_few_sampled_pixels_match_torch(grad_to_geometry):
+    """The contrastive loss reads the features of a few sampled pixels: the compiled backward skips
+    the extra channels where their gradient is zero, and must give the torch backend's gradients."""
+    from trace3d_ns.rendering import rasterize_with_extra
+
+    view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
+    sampled = torch.rand(H, W, generator=torch.Generator().manual_seed(3)) < 0.05  # [H, W] about 85 pixels
+    grads = {}
+    for backend in ("torch", "compiled"):
+        params = [p.requires_grad_(True) for p in random_gaussians(300, seed=12)]
+        feats = torch.randn(300, 6, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        rgb, alpha, _, extra = rasterize_with_extra(
+            *params, view[None], K[None], W, H, extra_colors=feats, extra_grad_to_geometry=grad_to_geometry,
+            backend=backend,
+        )
+        (rgb.square().sum() + alpha.sum() + (extra[0][sampled] ** 2).sum()).backward()
+        grads[backend] = [p.grad.clone() for p in params] + [feats.grad.clone()]
+    assert grads["compiled"][-1].abs().sum() > 0
+    for a, b in zip(grads["compiled"], grads["torch"]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)

@@ -276,6 +276,7 @@ def backward_tiles(
             t_v = np.empty(npix, dtype=np.float64)  # T_final (dL/d alpha_out - background . dL/d colour)
             last_local = np.empty(npix, dtype=np.int64)
             v_out = np.empty((npix, K), dtype=np.float32)  # dL/d render
+            extra = np.zeros(npix, dtype=np.bool_)  # some channel >= G has a gradient at the pixel
             behind = np.zeros((npix, G), dtype=np.float64)  # colour composited behind the visited Gaussian
             v_entry = np.empty(K, dtype=np.float64)  # colour gradient of the visited Gaussian
             last_entry = np.int64(-1)
@@ -289,6 +290,8 @@ def backward_tiles(
                         v_out[i, k] = v_colors_out[pid, k]
                         if k < G:
                             s += backgrounds[cam, k] * v_colors_out[pid, k]
+                        elif v_colors_out[pid, k] != 0.0:
+                            extra[i] = True
                     t_v[i] = transmittance[pid] * (v_alphas_out[pid] - s)
                     last_local[i] = last[pid]
                     if last[pid] > last_entry:
@@ -333,8 +336,11 @@ def backward_tiles(
                             col = colors[g, k]
                             v_alpha += (col * t_before - behind[i, k] * ra) * v
                             behind[i, k] += col * w
-                        for k in range(K):
+                        for k in range(G):
                             v_entry[k] += w * v_out[i, k]
+                        if extra[i]:  # e.g. features whose loss samples a few pixels: the rest add 0
+                            for k in range(G, K):
+                                v_entry[k] += w * v_out[i, k]
                         T[i] = t_before
                         if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
                             v_sigma = -o * vis * v_alpha
