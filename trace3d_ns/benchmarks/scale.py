@@ -215,6 +215,7 @@ def run_scale_benchmark(
         pairs_view0 = len(warm)
         del warm
         acc = TraceAccumulator(num_gaussians, num_views, config)
+        release_freed_host_memory()  # the loop trims between views: the baseline starts trimmed too
         baseline = _rss_bytes()
         reset = _reset_peak_rss()
         sums = acc.config.mode == "weight"
