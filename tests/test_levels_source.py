@@ -159,3 +159,27 @@ def test_objectness_benchmark_on_a_small_scene_folder(tmp_path):
     assert len(rows) == 2 + len(SOURCES) and rows[2 + list(SOURCES).index("levels")].startswith("| `levels` | ")
     with pytest.raises(ValueError, match="unknown scene"):
         run_objectness_benchmark(["fern"], tmp_path)
+
+
+def test_unstable_segments_are_replaced_by_the_finer_ones_inside_them():
+    from trace3d_ns.data.levels import stable_segments
+
+    labels = np.array([[0, 0, 0, 0, 1, 1, 1, 1]] * 3)  # two segments
+    finer = np.array([[0, 0, 1, 1, 2, 2, 2, 2]] * 3)  # the left one split at the finer scale
+    out = stable_segments(labels, finer, min_iou=0.8)
+    assert len(np.unique(out[:, :4])) == 2 and len(np.unique(out[:, 4:])) == 1  # left split, right kept
+    assert len(np.unique(out)) == 3 and out.min() == 0 and out.max() == 2
+    assert len(np.unique(stable_segments(labels, finer, min_iou=0.5))) == 2  # IoU 0.5 is enough there
+
+
+def test_stability_filter_splits_a_segment_that_crossed_a_weak_edge():
+    image = np.full((32, 32, 3), 100, np.uint8)
+    image[:, 16:] = 112  # a weak edge: one segment at the coarse scale only
+    plain = LevelsMaskSourceConfig(scales=(20000.0,), reference_pixels=0, min_size=5).setup()
+    assert len(plain(image, Path("a.png"))) == 1
+    stable = LevelsMaskSourceConfig(scales=(20000.0,), reference_pixels=0, min_size=5, stability_ratio=0.01).setup()
+    masks = stable(image, Path("a.png"))  # [n, H, W]
+    assert masks.sum(axis=0).min() == 1 and masks.sum(axis=0).max() == 1  # still a partition
+    left, right = masks[:, :, :16].any(axis=(1, 2)), masks[:, :, 16:].any(axis=(1, 2))  # [n]
+    assert not (left & right).any()  # no segment crosses the edge any more
+    assert plain.cache_settings() != stable.cache_settings()

@@ -73,6 +73,15 @@ class LevelsMaskSourceConfig(MaskSourceConfig):
     """Minimum segment size in pixels at ``reference_pixels`` (enforced by post-processing)."""
     reference_pixels: int = REFERENCE_PIXELS
     """Image size (pixels) the scales and ``min_size`` are given for; 0 = use them as they are."""
+    stability_ratio: float = 0.0
+    """Scale-stability filter (0 = off): each segment of the view's level is compared with the
+    segments of the same image at ``stability_ratio`` times its scale; a segment that none of them
+    matches with IoU >= ``stability_min_iou`` is replaced by the finer segments inside it. Like the
+    stability score with which SAM's automatic generator drops masks that change with the threshold:
+    a segment that exists only at one scale has usually run across a weak edge (e.g. an object and
+    the white table it stands on), while a whole object stays whole at the finer scale."""
+    stability_min_iou: float = 0.8
+    """IoU a segment needs with a segment of the finer scale to be kept (see ``stability_ratio``)."""
 
 
 def view_key(image_path: Path) -> str:
@@ -114,6 +123,22 @@ def stratified_levels(seed: int, keys: Sequence[str], weights: Sequence[float]) 
     unique = sorted(set(keys), key=lambda k: (view_hash(seed, k), k))
     levels = np.repeat(np.arange(len(weights)), level_counts(len(unique), weights))
     return {k: int(level) for k, level in zip(unique, levels)}
+
+
+def stable_segments(labels: np.ndarray, finer: np.ndarray, min_iou: float) -> np.ndarray:
+    """``labels`` [H, W] (0..n-1) with every segment whose best IoU against the segments of
+    ``finer`` [H, W] is below ``min_iou`` replaced by the ``finer`` segments inside it; relabelled
+    0..m-1."""
+    n, nf = int(labels.max()) + 1, int(finer.max()) + 1
+    pair = labels.astype(np.int64) * nf + finer  # [H, W] (segment, finer segment)
+    keys, overlap = np.unique(pair, return_counts=True)
+    a, b = keys // nf, keys % nf
+    size_a, size_b = np.bincount(labels.ravel(), minlength=n), np.bincount(finer.ravel(), minlength=nf)
+    best = np.zeros(n)
+    np.maximum.at(best, a, overlap / (size_a[a] + size_b[b] - overlap))
+    unstable = best < min_iou  # [n]
+    split = np.where(unstable[labels], n + pair, labels)  # a replaced segment keeps its pieces apart
+    return np.unique(split, return_inverse=True)[1].reshape(labels.shape)
 
 
 class LevelsMaskSource(MaskSource):
@@ -160,7 +185,11 @@ class LevelsMaskSource(MaskSource):
 
         rgb = as_rgb_uint8(image)  # [H, W, 3]
         scale, min_size = self.felzenszwalb_settings(level, rgb.shape[0], rgb.shape[1])
-        return felzenszwalb(rgb, scale=scale, sigma=self.config.sigma, min_size=min_size)
+        labels = felzenszwalb(rgb, scale=scale, sigma=self.config.sigma, min_size=min_size)
+        if self.config.stability_ratio <= 0.0:
+            return labels
+        finer = felzenszwalb(rgb, scale=scale * self.config.stability_ratio, sigma=self.config.sigma, min_size=min_size)
+        return stable_segments(labels, finer, self.config.stability_min_iou)
 
     def __call__(self, image: np.ndarray, image_path: Path) -> np.ndarray:
         labels = self.segments(image, self.level(image_path))  # [H, W]
