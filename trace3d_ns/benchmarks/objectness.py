@@ -61,6 +61,8 @@ SOURCES: Dict[str, Callable[[], MaskSourceConfig]] = {
     "superpixel_500_4000": lambda: SuperpixelMaskSourceConfig(scales=(500.0, 4000.0)),
     # one level per view, drawn (stratified) from the default levels
     "levels": LevelsMaskSourceConfig,
+    # the same without the scale-stability filter
+    "levels_no_stability": lambda: LevelsMaskSourceConfig(stability_ratio=0.0),
     # one coarse level in every view: what the draw adds to coarseness alone
     "levels_only_2800": lambda: LevelsMaskSourceConfig(scales=(2800.0,)),
     "levels_only_4000": lambda: LevelsMaskSourceConfig(scales=(4000.0,)),
