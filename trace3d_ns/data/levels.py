@@ -22,7 +22,8 @@ way the level depends on the seed and the set of image names, not on their order
 which level still matters: on DTU scan 37 with four levels 2000-5600 the mean best-mask IoU was
 0.80 with seed 0 and 0.83 with seed 1, with the default two levels 0.85 with both.
 
-The default levels come from ``trace3d-bench objectness`` on DTU scan 37 and LEGO: 2800 and 4000
+The default levels come from ``trace3d-bench objectness`` on DTU scan 37 and LEGO (measured before the
+stability filter below): 2800 and 4000
 hold the object whole (best-mask IoU >= 0.9) in about half the DTU views, with the best mean IoU
 and part-joining vote (cohesion 0.87) of the level sets tried; adding 2000 splits objects in more
 views (cohesion 0.79), adding 5600 joins them to the background in more (precision 0.88 against
