@@ -80,10 +80,11 @@ _LIBC_TRIM = None
 
 def release_freed_host_memory() -> bool:
     """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``); False where there is no
-    glibc. Per-view loops call it between views: glibc raises its mmap threshold after freeing a
-    large block, so later per-view arrays of that size come from the heap, and freed ones stay in
-    the process. Measured tracing 1M Gaussians over 40 views at 256 px (``trace3d-bench scale``'s
-    scene): the resident set after the loop was 3.5x the store without it, 0.5x with it."""
+    glibc. ``trace_model`` calls it between views on the CPU: glibc raises its mmap threshold after
+    freeing a large block, so later per-view arrays of that size come from the heap, and freed ones
+    stay in the process. Measured tracing 1M Gaussians over 40 views at 256 px (``trace3d-bench
+    scale``'s scene): what the loop added to the resident set was 3.5x the store without it, 0.5x
+    with it (the trims also returned memory freed before the loop)."""
     global _LIBC_TRIM
     if _LIBC_TRIM is None:
         try:
