@@ -5,7 +5,7 @@
 # (steps 0-2499) trains once and its 4 variants continue from it; two runs at a time, an RGB-stage pair took
 # 13 min and a variant pair 15-19 min (2026-12-01, beside other work), so the ablation trains in about 2 h;
 # its 12 runs measure two at a time (about 2 min each); the foreground runs (full resolution since 2026-12-01) took
-# 23 min (DTU) and about 16 min (LEGO) beside two other trainings, plus a few minutes of measuring each.
+# about 17 min (DTU) and 8 min (LEGO), measuring included, one after the other (2026-12-01, little else running).
 # Usage: bash scripts/benchmarks.sh [WORK_DIR]   (default ./benchmark_runs; finished runs are reused)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"

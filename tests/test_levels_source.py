@@ -183,3 +183,6 @@ def test_stability_filter_splits_a_segment_that_crossed_a_weak_edge():
     left, right = masks[:, :, :16].any(axis=(1, 2)), masks[:, :, 16:].any(axis=(1, 2))  # [n]
     assert not (left & right).any()  # no segment crosses the edge any more
     assert plain.cache_settings() != stable.cache_settings()
+    for bad in ({"stability_ratio": 1.5}, {"stability_ratio": -0.1}, {"stability_min_iou": 0.0}):
+        with pytest.raises(ValueError, match="stability"):
+            LevelsMaskSourceConfig(**bad).setup()

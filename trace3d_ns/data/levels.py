@@ -170,6 +170,12 @@ class LevelsMaskSource(MaskSource):
             )
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"LevelsMaskSourceConfig.weights must be >= 0 with a positive sum, got {weights}")
+        if not 0.0 <= config.stability_ratio < 1.0:
+            raise ValueError(
+                f"LevelsMaskSourceConfig.stability_ratio must be in [0, 1) (a finer scale; 0 = off), got {config.stability_ratio}"
+            )
+        if not 0.0 < config.stability_min_iou <= 1.0:
+            raise ValueError(f"LevelsMaskSourceConfig.stability_min_iou must be in (0, 1], got {config.stability_min_iou}")
         self.weights: Tuple[float, ...] = tuple(float(w) for w in weights)
         self._planned: Dict[str, int] = {}
 

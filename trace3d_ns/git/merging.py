@@ -165,8 +165,9 @@ class MergeConfig:
     0.572/0.539/0.563). Trained (the ablation's ``full`` variant continued from the same RGB stages,
     feature selection), amodal object IoU 0.870/0.641/0.711 with ids, 0.883/0.805/0.726 with segments
     (docs/benchmarks/pilot/README.md). On sparser scenes (192 px, 24 views, perfect geometry) segments
-    cost instead: per-view IoU 0.886/0.866/0.885 with ids, 0.869/0.836/0.882 with segments (parts of
-    one object that the view's merging could not compare, which the ids joined)."""
+    cost instead: per-view IoU 0.886/0.866/0.885 with ids, 0.869/0.836/0.882 with segments; there, the
+    segments sharing an id were ones the view's merging had compared and kept apart (similarity <= the
+    threshold), mostly parts of one object that the ids joined."""
     unmasked_min_share: float = 0.5
     """A Gaussian is labelled 0 (no instance) when patch 0 holds at least this share of its votes, else
     it takes the instance id with the most votes (> 1: only when no view puts it in a mask). Patch 0
