@@ -22,23 +22,47 @@ def test_loss_prefers_features_that_match_the_instance_map():
 
 
 @pytest.mark.parametrize(
-    "m,d,tau,num_labels,spread",
-    [(512, 16, 1.0, 6, 1.0), (256, 16, 100.0, 4, 0.5), (40, 3, 10.0, 30, 1.0), (64, 16, 1.0, 3, 6.0)],
+    "m,d,tau,num_labels,spread,fallback",
+    [
+        (512, 16, 1.0, 6, 1.0, False),
+        (300, 16, 1.0, 60, 0.5, False),  # many labels: rows without a positive, small blocks
+        (256, 16, 100.0, 4, 0.5, True),  # every pair below the floor: the reference takes over
+        (40, 3, 10.0, 30, 1.0, True),
+        (64, 16, 1.0, 3, 6.0, True),
+    ],
 )
-def test_fast_loss_and_gradient_equal_the_autograd_reference(m, d, tau, num_labels, spread):
+def test_fast_loss_and_gradient_equal_the_autograd_reference(m, d, tau, num_labels, spread, fallback, monkeypatch):
     """The written-out backward against autograd through logsumexp, including rows without a
-    positive (many labels), and spreads where far pairs fall below the denormal floor."""
+    positive (many labels), and spreads where far pairs fall below the floor (there the fast path
+    hands the batch to the reference: counted here)."""
+    import trace3d_ns.features.contrastive as module
+
+    calls = []
+    monkeypatch.setattr(module, "contrastive_loss_reference", lambda *a: calls.append(1) or contrastive_loss_reference(*a))
     g = torch.Generator().manual_seed(m)
     labels = torch.randint(0, num_labels + 1, (m,), generator=g)  # 0: negatives only
     f = (torch.randn(m, d, generator=g) * spread).requires_grad_(True)
     fast = contrastive_loss(f, labels, tau)
     (grad_fast,) = torch.autograd.grad(fast, f)
+    assert bool(calls) == fallback
     ref = contrastive_loss_reference(f, labels, tau)
     (grad_ref,) = torch.autograd.grad(ref, f)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     # float32 sums in another order: differences scale with the largest gradient
     torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-4, atol=2e-5 * float(grad_ref.abs().max()))
     assert float(grad_ref.abs().max()) > 0
+
+
+def test_fast_loss_takes_the_gradient_of_the_upstream_scale():
+    """loss * w backpropagates w times the gradient (the model weights the loss), on both paths."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    for spread in (0.5, 8.0):  # fast path, reference path
+        f = (torch.randn(200, 16, generator=g) * spread).requires_grad_(True)
+        (unit,) = torch.autograd.grad(contrastive_loss(f, labels, 1.0), f)
+        (scaled,) = torch.autograd.grad(0.1 * contrastive_loss(f, labels, 1.0), f)
+        torch.testing.assert_close(scaled, 0.1 * unit)
+        assert float(unit.abs().max()) > 0
 
 
 def test_loss_ignores_pixels_without_positives():

@@ -10,15 +10,17 @@ large background splat) gets its feature trained solely by the object pixels it 
 their borders, and is pulled to that object: feature selection then extracts it with the object.
 Pixels whose label appears once in the sample have no positive and are skipped as anchors.
 
-`contrastive_loss` is the fast path: one autograd node whose forward takes two shifted exps over
-the [M, M] logits (all pairs, positives) and whose backward is written out (two [M, M] x [M, D]
-products), instead of the passes autograd makes through two logsumexps and their backward. `contrastive_loss_reference` is the
-plain autograd version it is tested against.
+`contrastive_loss` is the fast path: one autograd node on the pixels sorted by label, whose
+[M, M] work is one matrix product, a clamp, an exp and a row sum forward and two products
+backward (see `_Contrastive`), instead of the dozens of [M, M] passes autograd makes through two
+logsumexps and their masks. `contrastive_loss_reference` is the plain autograd version it is tested
+against, and what the fast path falls back to on batches it cannot take exactly.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,65 +78,101 @@ def contrastive_loss_reference(features: Tensor, labels: Tensor, temperature: fl
 
 
 _FLOOR = -80.0
-"""Logits more than this below their row's maximum count as exp(-80) ~ 2e-35 instead of their own,
-smaller value: below it float32 goes denormal, and denormal arithmetic made the loss 2-3x slower.
-The loss changes by less than M * 2e-35 relative (nothing at float32 precision)."""
+"""Logits below this count as exp(-80) ~ 2e-35 instead of their own, smaller value: below it float32
+goes denormal, and denormal arithmetic made the loss 2-3x slower."""
+
+_MIN_ROW_SUM = math.exp(-30.0)
+"""The fast path takes exp of the logits unshifted (they are <= 0: no overflow). It is exact to
+float32 precision while every anchor row's sums over u' != u and over its positives stay above
+this: a row's largest term is then >= exp(-30) / M, and the floored terms change the sums by less
+than M * exp(-80) / exp(-30 - ln M) relative. Batches with a row below it (positives ~5.5 / sqrt(tau)
+apart or more) take the reference instead."""
 
 
-def _shifted_exp(masked: Tensor, excluded: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """In place on ``masked`` [M, M] (logits with -inf where they do not count): (exp(logits - row
-    max) floored at exp(_FLOOR), 0 where excluded; row max [M]). ``excluded`` [M, M] bool marks the
-    entries that do not count (None: only the diagonal); rows with none that count get max 0 and
-    all zeros."""
-    top = masked.amax(dim=1)  # [M]
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    soft = masked.sub_(top[:, None]).clamp_(min=_FLOOR).exp_()  # [M, M]
-    if excluded is None:
-        soft.fill_diagonal_(0.0)
-    else:
-        soft.masked_fill_(excluded, 0.0)
-    return soft, top
+def _label_blocks(labels: Tensor) -> Tuple[Tensor, List[Tuple[int, int]]]:
+    """(order [M]: a stable sort of the labels; [(start, end)] of the runs of one label > 0 with
+    at least two pixels in the sorted order: the anchors and their positives)."""
+    sorted_labels, order = torch.sort(labels, stable=True)
+    values, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    ends = torch.cumsum(counts, dim=0)
+    blocks = [
+        (int(e - c), int(e)) for v, c, e in zip(values.tolist(), counts.tolist(), ends.tolist()) if v > 0 and c >= 2
+    ]
+    return order, blocks
 
 
 class _Contrastive(torch.autograd.Function):
-    """The loss with its gradient written out. With softmax_all / softmax_pos the row softmaxes of
-    the logits over u' != u / over the positives, and n the rows with a positive:
+    """The loss with its gradient written out, on features sorted by label so that the positives of
+    an anchor are the other rows of its label's block. With A_i = [f_i, |f_i|^2, 1] and
+    B_j = [2 tau f_j, -tau, -tau |f_j|^2], the logits are one product A B^T, E = exp(logits) (0 on the
+    diagonal), s_i = sum_j E_ij, p_i = the same over i's block:
 
-        loss = -mean_rows (lse_pos - lse_all),   G = dL/dlogits = (softmax_all - softmax_pos) / n
-        logits_ij = tau (2 f_i . f_j - |f_i|^2 - |f_j|^2)
-        dL/df = 2 tau (G f + G^T f - f * (rowsum G + colsum G))
-    """
+        loss = -mean_anchors (log p_i - log s_i)
+        G = dL/dlogits = diag(a) E - diag(b) (E on the blocks),   a = w / s, b = w / p, w = grad / n on anchors
+        dL/dA = G B,   dL/dB = G^T A = E diag(a) A - (E on the blocks) diag(b) A
+
+    (E and its blocks are symmetric, as the logits are), so the [M, M] work is one product, a clamp,
+    an exp and a row sum forward and one product with E backward; the block terms are one small
+    product per label. Batches where this is not exact (see ``_MIN_ROW_SUM``) take the reference."""
 
     @staticmethod
-    def forward(ctx, features, positive, has_positive, temperature):
-        sq = (features * features).sum(dim=1).mul_(temperature)[:, None]  # [M, 1] tau |f|^2
-        logits = torch.mm(features, features.T).mul_(2.0 * temperature).sub_(sq).sub_(sq.T)  # [M, M], in place
-        soft_all, top_all = _shifted_exp(logits.clone().fill_diagonal_(float("-inf")), None)  # [M, M] u' != u; [M]
-        not_positive = ~positive
-        soft_pos, top_pos = _shifted_exp(logits.masked_fill_(not_positive, float("-inf")), not_positive)  # logits used up
-        sum_all, sum_pos = soft_all.sum(dim=1), soft_pos.sum(dim=1)  # [M] >= 1 where the row has entries
-        rows = has_positive.nonzero().squeeze(1)  # [n]
-        lse_pos = top_pos[rows] + torch.log(sum_pos[rows])
-        lse_all = top_all[rows] + torch.log(sum_all[rows])
-        soft_all.div_(sum_all.clamp(min=1.0)[:, None])  # [M, M] softmax over u' != u
-        soft_pos.div_(sum_pos.clamp(min=1.0)[:, None])  # [M, M] softmax over the positives (0 rows without)
-        ctx.save_for_backward(features, has_positive, soft_all, soft_pos)
-        ctx.temperature = temperature
-        return -(lse_pos - lse_all).mean()
+    def forward(ctx, features, labels, order, blocks, temperature):
+        f = features[order]  # [M, D] sorted by label
+        sq = (f * f).sum(dim=1, keepdim=True)  # [M, 1]
+        ones = torch.ones_like(sq)
+        A = torch.cat([f, sq, ones], dim=1)  # [M, D + 2]
+        B = torch.cat([f * (2.0 * temperature), ones * -temperature, sq * -temperature], dim=1)  # [M, D + 2]
+        E = torch.mm(A, B.T).clamp_(min=_FLOOR).exp_().fill_diagonal_(0.0)  # [M, M]
+        s = E.sum(dim=1)  # [M]
+        p = torch.zeros_like(s)
+        for start, end in blocks:
+            p[start:end] = E[start:end, start:end].sum(dim=1)
+        anchors = torch.cat([torch.arange(a, b, device=f.device) for a, b in blocks])  # [n]
+        s_a, p_a = s[anchors], p[anchors]
+        ctx.fallback = not bool(
+            torch.isfinite(s_a).all() and (s_a >= _MIN_ROW_SUM).all() and (p_a >= _MIN_ROW_SUM).all()
+        )
+        if ctx.fallback:
+            with torch.enable_grad():
+                detached = features.detach().requires_grad_(True)
+                loss = contrastive_loss_reference(detached, labels, temperature)
+                (grad,) = torch.autograd.grad(loss, detached)
+            ctx.save_for_backward(grad)
+            return loss.detach()
+        w = torch.zeros_like(s)
+        w[anchors] = 1.0 / anchors.numel()
+        ctx.save_for_backward(order, f, A, B, E, w / s, w / p.clamp(min=_MIN_ROW_SUM))
+        ctx.blocks, ctx.temperature = blocks, temperature
+        return (torch.log(s_a) - torch.log(p_a)).clamp_(min=0.0).mean()  # p <= s: >= 0 but for rounding
 
     @staticmethod
     def backward(ctx, grad):
-        features, has_positive, soft_all, soft_pos = ctx.saved_tensors
-        scale = has_positive.to(features.dtype) * (grad / has_positive.sum())  # [M]
-        g = (soft_all - soft_pos).mul_(scale[:, None])  # [M, M] G
-        v = torch.mm(g, features).add_(torch.mm(g.T, features))  # [M, D] (G + G^T) f without forming G^T
-        v.sub_(features * (g.sum(dim=1) + g.sum(dim=0))[:, None])
-        return v.mul_(2.0 * ctx.temperature), None, None, None
+        if ctx.fallback:
+            (g,) = ctx.saved_tensors
+            return g * grad, None, None, None, None
+        order, f, A, B, E, a, b = ctx.saved_tensors
+        a, b = a * grad, b * grad  # [M]
+        # E and its blocks are symmetric (so are the logits): E^T X = E X, one product for both
+        both = torch.mm(E, torch.cat([B, A * a[:, None]], dim=1))  # [M, 2 (D + 2)]
+        k = B.shape[1]
+        dA, dB = both[:, :k].mul_(a[:, None]), both[:, k:]  # diag(a) E B, E^T diag(a) A
+        rhs = torch.cat([B, A * b[:, None]], dim=1)  # [M, 2 (D + 2)]
+        for start, end in ctx.blocks:
+            block = torch.mm(E[start:end, start:end], rhs[start:end])
+            dA[start:end] -= b[start:end, None] * block[:, :k]
+            dB[start:end] -= block[:, k:]
+        D, tau = f.shape[1], ctx.temperature
+        df = dA[:, :D] + 2.0 * tau * dB[:, :D] + 2.0 * f * (dA[:, D : D + 1] - tau * dB[:, D + 1 : D + 2])  # [M, D]
+        out = torch.empty_like(df)
+        out[order] = df
+        return out, None, None, None, None
 
 
 def contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive)."""
-    pairs = _positives(features, labels)
-    if pairs is None:
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
+    order, blocks = _label_blocks(labels)
+    if not blocks:  # no pixel has a positive
         return features.sum() * 0.0
-    return _Contrastive.apply(features, *pairs, float(temperature))
+    return _Contrastive.apply(features, labels, order, blocks, float(temperature))
