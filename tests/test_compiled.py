@@ -113,6 +113,19 @@ def test_tile_binning_kernel_matches_torch():
         assert torch.equal(a, b), name
 
 
+def test_radix_depth_sort_is_a_stable_argsort():
+    """Depths over many octaves (every 11-bit digit matters), ties and zero, as the binning sorts them."""
+    import numpy as np
+
+    kernels = compiled._geometry()
+    rng = np.random.default_rng(4)
+    depths = (10.0 ** rng.uniform(-3, 4, 5000)).astype(np.float32)
+    depths[:300] = depths[300:600]  # ties keep Gaussian order
+    depths[700:710] = 0.0
+    order = kernels._radix_argsort(depths.view(np.int32))
+    assert np.array_equal(order, np.argsort(depths, kind="stable"))
+
+
 def _edge_scene():
     """Gaussians behind the camera, straddling the near plane, larger than the image, off-screen,
     a stack that saturates the centre pixels, and an empty corner."""

@@ -417,6 +417,29 @@ def sh_backward(
 
 
 @njit(cache=True)
+def _radix_argsort(keys):  # [N] int32 bit patterns of float32 depths
+    """Stable argsort [N] int32 of float32 values given as their bits: three 11-bit counting passes
+    (least significant first). Non-negative floats order as their bits; negative ones (behind the
+    camera: culled, never binned) sort after them."""
+    n = keys.shape[0]
+    order = np.arange(n).astype(np.int32)
+    scratch = np.empty(n, dtype=np.int32)
+    counts = np.empty(2049, dtype=np.int64)
+    for shift in (0, 11, 22):
+        counts[:] = 0
+        for i in range(n):
+            counts[((np.int64(keys[order[i]]) & 0xFFFFFFFF) >> shift & 2047) + 1] += 1
+        for b in range(2048):
+            counts[b + 1] += counts[b]
+        for i in range(n):
+            digit = (np.int64(keys[order[i]]) & 0xFFFFFFFF) >> shift & 2047
+            scratch[counts[digit]] = order[i]
+            counts[digit] += 1
+        order, scratch = scratch, order
+    return order
+
+
+@njit(cache=True)
 def bin_tiles(
     means2d,  # [C, N, 2]
     radii,  # [C, N] int32
@@ -459,7 +482,7 @@ def bin_tiles(
     fill = starts[:-1].copy()
     for cam in range(C):
         # visiting Gaussians front to back (stable) leaves every tile's list in depth order
-        for n in np.argsort(depths[cam], kind="mergesort"):
+        for n in _radix_argsort(depth_bits[cam]):
             if counts[cam, n] == 0:
                 continue
             bits = np.int64(depth_bits[cam, n]) & 0xFFFFFFFF
