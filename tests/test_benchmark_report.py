@@ -3,6 +3,7 @@ right, its picture picks the same objects for every variant, and the report rend
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,24 @@ def test_benchmark_subprocesses_import_the_benchmarks_own_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import trace3d_ns; print(trace3d_ns.__file__)"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(out).resolve() == PACKAGE_ROOT / "trace3d_ns" / "__init__.py"
+
+
+def test_step_benchmark_steps_the_trainers_in_turn():
+    """Round robin (so drift hits every variant alike), warm-up steps untimed, one median each."""
+    from trace3d_ns.benchmarks.step import _time_interleaved
+
+    calls = []
+
+    class FakeTrainer:
+        callbacks = []
+
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def train_iteration(self, step):
+            calls.append((self.name, step))
+            time.sleep(self.seconds)
+
+    medians = _time_interleaved({"fast": FakeTrainer("fast", 0.001), "slow": FakeTrainer("slow", 0.02)}, steps=3, warmup=1)
+    assert calls == [(name, step) for step in range(4) for name in ("fast", "slow")]
+    assert set(medians) == {"fast", "slow"} and medians["fast"] < 0.01 <= medians["slow"]
