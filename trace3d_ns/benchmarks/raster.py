@@ -2,7 +2,8 @@
 
 Forward + backward of one 20k-Gaussian SH-3 view at 128 px, one thread each; the compiled backend
 also with two threads, and its first-call compile time measured in a fresh process with an empty
-numba cache (then with the cache filled)."""
+numba cache (then with the cache filled). The two backends (and the thread counts) are timed in turn,
+so that the machine's drift does not enter their ratios."""
 
 from __future__ import annotations
 
@@ -43,8 +44,22 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _time_in_turn(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Median seconds of each function, calling them in turn (round robin, after one untimed call
+    each): the machine's drift over the run hits every one alike, so their ratios hold."""
+    for fn in fns.values():
+        fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run_raster_benchmark(
-    num_gaussians: int = 20000, size: int = 128, sh_degree: int = 3, repeats: int = 3, reference_repeats: int = 1
+    num_gaussians: int = 20000, size: int = 128, sh_degree: int = 3, repeats: int = 5, reference_repeats: int = 1
 ) -> Dict[str, float]:
     from trace3d_ns.cuda import compiled
     from trace3d_ns.cuda.rasterization import rasterization
@@ -62,22 +77,21 @@ def run_raster_benchmark(
             rgb, alpha, _ = rasterization(*params, view[None], K[None], size, size, sh_degree=sh_degree, backend=backend)
             (rgb.sum() + alpha.sum()).backward()
 
-        def tiled() -> None:
-            fwd_bwd("torch")
+        def compiled_with(threads: int) -> Callable[[], None]:
+            def run() -> None:
+                compiled.set_threads(threads)
+                fwd_bwd("compiled")
 
-        compiled_s = {}
-        for n in (1, 2):
-            compiled.set_threads(n)
-            fwd_bwd("compiled")  # warm-up
-            compiled_s[n] = _time(lambda: fwd_bwd("compiled"), repeats)
+            return run
+
+        timed = _time_in_turn({"compiled_1": compiled_with(1), "compiled_2": compiled_with(2), "torch": lambda: fwd_bwd("torch")}, repeats)
         compiled.set_threads(0)
+        compiled_s, tiled_s = {1: timed["compiled_1"], 2: timed["compiled_2"]}, timed["torch"]
 
         def brute() -> None:
             rgb, alpha, _, _ = reference_rasterize(*params, view, K, size, size, sh_degree=sh_degree)
             (rgb.sum() + alpha.sum()).backward()
 
-        tiled()  # warm-up
-        tiled_s = _time(tiled, repeats)
         brute_s = _time(brute, reference_repeats)
         with torch.no_grad():
             m, q, s, o, _ = (p.detach() for p in params)
