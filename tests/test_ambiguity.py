@@ -47,3 +47,19 @@ def test_gamma_threshold_and_visibility():
     assert seen.tolist() == [3] and score.tolist() == [1.0]
     score, seen = ambiguity_scores(store, AmbiguityConfig(min_weight=0.0))
     assert seen.tolist() == [4] and score.tolist() == [0.75]
+
+
+def test_views_seeing_counts_views_at_or_above_a_weight():
+    """Density control's unseen test: a Gaussian traced faintly in many views is seen at a low
+    `unseen_weight` and unseen at the ambiguity test's 0.5; one traced nowhere is unseen at any."""
+    from trace3d_ns.git.density import plan_cycle, views_seeing
+
+    views = [[(0, 1, 0.9), (1, 1, 0.2)], [(0, 1, 0.8), (1, 2, 0.3)], [(0, 2, 0.1), (1, 2, 0.2)]]  # Gaussian 2: never traced
+    store = _store(views, 3)
+    assert views_seeing(store, 0.5).tolist() == [2, 0, 0]
+    assert views_seeing(store, 0.05).tolist() == [3, 3, 0]
+    no = torch.zeros(3, dtype=torch.bool)
+    prune, _ = plan_cycle(no, views_seeing(store, 0.05), None, False, prune_unseen=True)
+    assert prune.tolist() == [False, False, True]
+    prune, _ = plan_cycle(no, views_seeing(store, 0.5), None, False, prune_unseen=True)
+    assert prune.tolist() == [False, True, True]
