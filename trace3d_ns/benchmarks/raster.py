@@ -45,13 +45,14 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
 
 
 def _time_in_turn(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Median seconds of each function, calling them in turn (round robin, after one untimed call
-    each): the machine's drift over the run hits every one alike, so their ratios hold."""
-    for fn in fns.values():
-        fn()
+    """Median seconds of each function, taking them in turn (round robin) so that the machine's
+    drift over the run hits every one alike and their ratios hold. Each timed call follows an
+    untimed one of the same function: the caches hold its own data, as when it runs alone, not
+    what the previous function left."""
     times: Dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
