@@ -52,7 +52,8 @@ def test_gamma_threshold_and_visibility():
 def test_views_seeing_counts_views_at_or_above_a_weight():
     """Density control's unseen test: a Gaussian traced faintly in many views is seen at a low
     `unseen_weight` and unseen at the ambiguity test's 0.5; one traced nowhere is unseen at any."""
-    from trace3d_ns.git.density import plan_cycle, views_seeing
+    from trace3d_ns.git.ambiguity import views_seeing
+    from trace3d_ns.git.density import plan_cycle
 
     views = [[(0, 1, 0.9), (1, 1, 0.2)], [(0, 1, 0.8), (1, 2, 0.3)], [(0, 2, 0.1), (1, 2, 0.2)]]  # Gaussian 2: never traced
     store = _store(views, 3)

@@ -39,10 +39,20 @@ def ambiguity_scores(traces: InstanceTraces, config: AmbiguityConfig | None = No
     seen = traces.obs_weight.float() >= config.min_weight  # [O]
     unsure = seen & (traces.max_prob() < config.gamma)  # [O]
     owner = traces.obs_gaussian()  # [O]
-    num_seen = torch.zeros(traces.num_gaussians, dtype=torch.long, device=traces.device)
-    num_seen.index_add_(0, owner, seen.long())
-    num_unsure = torch.zeros_like(num_seen).index_add_(0, owner, unsure.long())
+    num_seen = _per_gaussian_count(traces, owner, seen)
+    num_unsure = _per_gaussian_count(traces, owner, unsure)
     return num_unsure.float() / num_seen.clamp(min=1).float(), num_seen
+
+
+def views_seeing(traces: InstanceTraces, min_weight: float) -> Tensor:
+    """Training views whose traced weight of each Gaussian is >= ``min_weight``. [N] int64"""
+    return _per_gaussian_count(traces, traces.obs_gaussian(), traces.obs_weight.float() >= min_weight)
+
+
+def _per_gaussian_count(traces: InstanceTraces, owner: Tensor, flags: Tensor) -> Tensor:
+    """Observations with ``flags`` [O] bool set, per Gaussian (``owner`` [O]). [N] int64"""
+    counts = torch.zeros(traces.num_gaussians, dtype=torch.long, device=traces.device)
+    return counts.index_add_(0, owner, flags.long())
 
 
 def ambiguous(traces: InstanceTraces, config: AmbiguityConfig | None = None) -> Tensor:

@@ -58,7 +58,7 @@ from gsplat.strategy.ops import _update_param_with_optimizer
 from gsplat.utils import normalized_quat_to_rotmat
 from torch import Tensor
 
-from trace3d_ns.git.ambiguity import AmbiguityConfig, ambiguity_scores
+from trace3d_ns.git.ambiguity import AmbiguityConfig, ambiguity_scores, views_seeing
 
 Params = Dict[str, torch.nn.Parameter]
 
@@ -138,12 +138,6 @@ def prune_gaussians(
     _update_param_with_optimizer(param_fn, optimizer_fn, params, optimizers)
     _carry_state(state, num, keep)
     return keep
-
-
-def views_seeing(traces, min_weight: float) -> Tensor:
-    """Training views whose traced weight of each Gaussian is >= ``min_weight``. [N] int64"""
-    seen = (traces.obs_weight.float() >= min_weight).long()  # [O]
-    return torch.zeros(traces.num_gaussians, dtype=torch.long, device=seen.device).index_add_(0, traces.obs_gaussian(), seen)
 
 
 def plan_cycle(
@@ -230,7 +224,10 @@ class GitDensityControl:
     unseen_weight: float = 0.5
     """With ``prune_unseen``, a Gaussian is unseen when its traced weight is below this in every
     training view (alpha * T units). The tracing keeps no observation below its own ``min_weight``
-    (0.05), so values up to 0.05 all mean "no view traces it at all"."""
+    (0.05), so values up to 0.05 all mean "no view traces it at all" (the authors' rule). Measured on
+    the cluttered ablation scenes, 3 seeds, amodal object IoU of ``full`` / ``density_only``: 0.05:
+    0.715 / 0.734; 0.5: 0.805 / 0.754; 2.0: 0.797 / 0.762 and +0.8 dB test PSNR
+    (docs/benchmarks/pilot/README.md)."""
     seed: int = 0
     """Seed of the children's sampled means."""
 
