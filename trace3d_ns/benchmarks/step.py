@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Hashable, List, Optional
 
 BACKENDS = ("compiled", "torch")
 
@@ -60,12 +60,12 @@ def _step_seconds(trainer, step: int) -> float:
     return time.perf_counter() - start
 
 
-def _time_interleaved(trainers: Dict[str, object], steps: int, warmup: int) -> Dict[str, float]:
+def _time_interleaved(trainers: Dict[Hashable, Any], steps: int, warmup: int) -> Dict[Hashable, float]:
     """Median step seconds of each trainer, stepping them in turn (one step each, round robin).
     On a shared or throttled machine the speed drifts by tens of percent over a minute: timed one
     after the other, two variants of the same code measured 1.2x apart; in turn, every variant
     sees the same drift and the ratios hold."""
-    times: Dict[str, List[float]] = {key: [] for key in trainers}
+    times: Dict[Hashable, List[float]] = {key: [] for key in trainers}
     for step in range(warmup + steps):
         for key, trainer in trainers.items():
             seconds = _step_seconds(trainer, step)
