@@ -541,3 +541,23 @@ def test_freed_host_memory_goes_back_to_the_os_between_views():
     assert release_freed_host_memory()
     assert before - rss() > 100 << 20  # most of the 152 MB freed
     assert keep[0] == 1
+
+
+def test_kept_heap_memory_is_reused_without_page_faults():
+    import platform
+    import resource
+
+    from trace3d_ns.device import keep_freed_host_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+
+    def faults_of_one_block() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = np.ones(64 << 20, np.uint8)  # over glibc's largest dynamic mmap threshold (32 MB)
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert keep_freed_host_memory()
+    faults_of_one_block()  # the heap grows once
+    assert faults_of_one_block() < 100  # a freshly mapped one: 540 faults here (huge pages), 16k without them
