@@ -4,7 +4,9 @@ Work is split over 16x16 tiles, interleaved over the threads (`prange` over work
 tiles w, w + workers, ...: contiguous halves would leave one core idle when the scene fills one half). Within a tile, Gaussians are visited in
 the tile's depth order, and each one only on the pixels of its own footprint: the ellipse where
 alpha can still reach 1/255 (sigma <= ln(255 o), with a margin), row by row, clipped to the tile. Every pixel keeps its transmittance T (float64) and a done flag; a tile stops once all
-its pixels are done. Per (Gaussian, pixel):
+its pixels are done. The chords of a Gaussian's rows are found before its pixels are visited: they
+do not depend on one another, so the CPU overlaps their square roots instead of waiting on each
+before a row's pixels (10% of the forward). Per (Gaussian, pixel):
 
     sigma = 0.5 (a dx^2 + c dy^2) + b dx dy      dx = mean_x - (x + 0.5), float32 as gsplat
     alpha = min(0.999, o exp(-sigma))            skipped when sigma < 0 or alpha < 1/255
@@ -166,6 +168,7 @@ def composite_tiles(
             patch_w = np.empty(npix, dtype=np.float64)
             remaining = npix
             pix_base = cam * pixels_per_camera
+            chord = np.empty((tile_size, 2), dtype=np.int64)  # [rows, 2] columns [cx0, cx1) of each row
             for e in range(tile_starts[t], tile_starts[t + 1]):
                 if remaining == 0:
                     break
@@ -179,7 +182,10 @@ def composite_tiles(
                 ry0, ry1 = _rows(my, fp[0], y0, y1)
                 n_patches = 0
                 for y in range(ry0, ry1):
-                    cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
+                    chord[y - y0, 0], chord[y - y0, 1] = _columns(mx, my, b, fp, y, x0, x1)
+                for y in range(ry0, ry1):
+                    cx0 = chord[y - y0, 0]
+                    cx1 = chord[y - y0, 1]
                     for x in range(cx0, cx1):
                         i = (y - y0) * tw + (x - x0)
                         if done[i]:
@@ -280,6 +286,7 @@ def backward_tiles(
             behind = np.zeros((npix, G), dtype=np.float64)  # colour composited behind the visited Gaussian
             v_entry = np.empty(K, dtype=np.float64)  # colour gradient of the visited Gaussian
             last_entry = np.int64(-1)
+            chord = np.empty((tile_size, 2), dtype=np.int64)  # [rows, 2] columns [cx0, cx1) of each row
             for y in range(y0, y1):
                 for x in range(x0, x1):
                     i = (y - y0) * tw + (x - x0)
@@ -318,7 +325,10 @@ def backward_tiles(
                 go = 0.0
                 v_entry[:] = 0.0
                 for y in range(ry0, ry1):
-                    cx0, cx1 = _columns(mx, my, b, fp, y, x0, x1)
+                    chord[y - y0, 0], chord[y - y0, 1] = _columns(mx, my, b, fp, y, x0, x1)
+                for y in range(ry0, ry1):
+                    cx0 = chord[y - y0, 0]
+                    cx1 = chord[y - y0, 1]
                     row = (y - y0) * tw - x0
                     for x in range(cx0, cx1):
                         i = row + x
