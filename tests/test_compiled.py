@@ -292,3 +292,37 @@ def test_extra_channels_with_a_few_sampled_pixels_match_torch(grad_to_geometry):
     assert grads["compiled"][-1].abs().sum() > 0
     for a, b in zip(grads["compiled"], grads["torch"]):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("grad_to_geometry", [False, True])
+def test_extra_channels_composited_only_at_requested_pixels_match_torch(grad_to_geometry):
+    """With `extra_pixels` the compiled backend composites the extra channels only there: outputs
+    (0 elsewhere) and every gradient equal the torch backend's, even for a loss that also reads
+    pixels outside the request (their extra render is a constant 0)."""
+    from trace3d_ns.rendering import rasterize_with_extra
+
+    view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
+    g = torch.Generator().manual_seed(5)
+    wanted = (torch.rand(1, H, W, generator=g) < 0.1)  # [1, H, W]
+    read = torch.rand(H, W, generator=g) < 0.2  # the loss reads these, some outside `wanted`
+    out = {}
+    for backend in ("torch", "compiled"):
+        params = [p.requires_grad_(True) for p in random_gaussians(300, seed=12)]
+        feats = torch.randn(300, 6, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        rgb, alpha, _, extra = rasterize_with_extra(
+            *params, view[None], K[None], W, H, extra_colors=feats, extra_grad_to_geometry=grad_to_geometry,
+            backend=backend, extra_pixels=wanted,
+        )
+        (rgb.square().sum() + alpha.sum() + (extra[0][read] ** 2).sum()).backward()
+        out[backend] = [rgb.detach(), extra.detach()] + [p.grad.clone() for p in params] + [feats.grad.clone()]
+    full = rasterize_with_extra(*[p.detach() for p in random_gaussians(300, seed=12)], view[None], K[None], W, H,
+                                extra_colors=torch.randn(300, 6, generator=torch.Generator().manual_seed(4)),
+                                backend="compiled")[3]
+    extra = out["compiled"][1]
+    assert (extra[~wanted] == 0).all() and (extra[wanted] != 0).any()
+    torch.testing.assert_close(extra[wanted], full[wanted], atol=1e-6, rtol=1e-5)  # as if composited everywhere
+    for a, b in zip(out["compiled"], out["torch"]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)
+    with pytest.raises(ValueError, match="extra_pixels"):
+        rasterize_with_extra(*random_gaussians(30, seed=1), view[None], K[None], W, H,
+                             extra_colors=torch.zeros(30, 2), backend="compiled", extra_pixels=wanted[0])

@@ -1,9 +1,9 @@
 """The feature field: contrastive loss, rendered features and their gradients, stable PCA."""
 
+import pytest
 import torch
 
 from tests.test_method import _camera, _model
-import pytest
 
 from trace3d_ns.features.contrastive import contrastive_loss, contrastive_loss_reference, sample_labelled_pixels
 from trace3d_ns.features.palette import colorize_ids, instance_palette
@@ -136,6 +136,40 @@ def test_features_render_train_and_leave_geometry_alone():
     losses["contrastive_loss"].backward()
     assert model.gauss_params["features"].grad.abs().sum() > 0
     assert model.means.grad is None or model.means.grad.abs().sum() == 0  # detached geometry by default
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_planned_contrastive_pixels_give_the_unplanned_loss_and_gradients(backend):
+    """A planned step (the pipeline hands the batch over before the render) composites the features
+    only at the sampled pixels: the loss and every gradient equal those of a full feature render
+    with the same samples."""
+    patches = torch.zeros(30, 40, dtype=torch.int32)
+    patches[:, :20], patches[5:25, 25:35] = 1, 2
+    batch = {"image": torch.rand(30, 40, 3, generator=torch.Generator().manual_seed(1)), "patches": patches}
+    results = {}
+    for planned in (False, True):
+        torch.manual_seed(0)  # the same initial features
+        model, _ = _trained_model()
+        model.config.rasterizer = backend
+        model._pick_contrastive_pixels = lambda labels: sample_labelled_pixels(  # the same samples either way
+            labels, 12, torch.Generator().manual_seed(3), num_unlabelled=4
+        )
+        model.train()
+        if planned:
+            model.plan_contrastive_samples(batch)
+        torch.manual_seed(7)  # the same random background
+        out = model.get_outputs(_camera())
+        feature = out["feature"]
+        losses = model.get_loss_dict(out, batch)
+        sum(losses.values()).backward()
+        grads = {k: p.grad.clone() for k, p in model.gauss_params.items() if p.grad is not None}
+        results[planned] = (losses, grads, feature.detach())
+    (loss_a, grads_a, full), (loss_b, grads_b, sparse) = results[False], results[True]
+    assert (sparse != 0).any(dim=-1).sum() <= 16 < (full != 0).any(dim=-1).sum()  # features only at the samples
+    torch.testing.assert_close(loss_b["contrastive_loss"], loss_a["contrastive_loss"])
+    assert loss_a["contrastive_loss"] > 0 and grads_a.keys() == grads_b.keys() and "features" in grads_a
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], atol=1e-6, rtol=1e-4)
 
 
 def test_feature_gradients_reach_geometry_when_asked():

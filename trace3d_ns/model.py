@@ -9,7 +9,7 @@ the viewer's outputs start with `rgb` (nerfstudio's viewer opens on the first ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Type, Union
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from gsplat.strategy import DefaultStrategy
@@ -348,7 +348,8 @@ class Trace3DModel(SplatfactoModel):
         features = None
         if self.has_features and (not self.training or self.step >= self.config.feature_start_step):
             render, alpha, self.info, features = rasterize_with_extra(
-                *args, extra_colors=g["features"], extra_grad_to_geometry=self.config.feature_grad_to_geometry, **kwargs
+                *args, extra_colors=g["features"], extra_grad_to_geometry=self.config.feature_grad_to_geometry,
+                extra_pixels=self._sample_contrastive_pixels(H, W), **kwargs
             )
         else:
             render, alpha, self.info = rasterize(*args, **kwargs)
@@ -372,22 +373,53 @@ class Trace3DModel(SplatfactoModel):
         return outputs
 
     # ---- losses -------------------------------------------------------------------------------
-    def training_labels(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
-        """The instance labels to lift: consistent maps once GIT made them, else the raw patches."""
+    def training_labels(self, batch: Dict[str, Tensor], size: Optional[Tuple[int, int]] = None) -> Optional[Tensor]:
+        """The instance labels to lift: consistent maps once GIT made them, else the raw patches,
+        at `size` (H, W; default the last render's)."""
         labels = batch.get("instances", batch.get("patches"))
         if labels is None:
             return None
-        return downscale_patches(labels, self.last_size).to(self.device)  # [H, W] at the render size
+        return downscale_patches(labels, size or self.last_size).to(self.device)  # [H, W] at the render size
+
+    def plan_contrastive_samples(self, batch: Dict[str, Tensor]) -> None:
+        """Hands the model this training step's batch before its render (``Trace3DPipeline`` does),
+        so that the render picks the contrastive loss's pixels and composites the feature channels
+        only there: the loss reads about 1k of the image's pixels. Without a plan the features are
+        rendered everywhere and the loss samples afterwards, with the same result."""
+        self._contrastive_batch = batch if self.training else None
+
+    def _sample_contrastive_pixels(self, height: int, width: int) -> Optional[Tensor]:
+        """[1, H, W] bool: the planned step's contrastive pixels (kept for ``get_loss_dict``), or None
+        (features everywhere) outside a planned training step."""
+        batch, self._contrastive_batch, self._contrastive_sample = getattr(self, "_contrastive_batch", None), None, None
+        labels = None if batch is None or not self.training else self.training_labels(batch, (height, width))
+        if labels is None:
+            return None
+        picked = self._pick_contrastive_pixels(labels)  # [M]
+        self._contrastive_sample = (picked, labels.reshape(-1)[picked])
+        wanted = torch.zeros(height * width, dtype=torch.bool, device=labels.device)
+        wanted[picked] = True
+        return wanted.reshape(1, height, width)
+
+    def _pick_contrastive_pixels(self, labels: Tensor) -> Tensor:
+        return sample_labelled_pixels(
+            labels, self.config.contrastive_samples, num_unlabelled=self.config.contrastive_unlabelled_samples
+        )
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        labels = self.training_labels(batch) if "feature" in outputs and self.training else None
-        if labels is not None:
-            picked = sample_labelled_pixels(
-                labels, self.config.contrastive_samples, num_unlabelled=self.config.contrastive_unlabelled_samples
-            )
+        sample, self._contrastive_sample = getattr(self, "_contrastive_sample", None), None  # planned (picked, labels)
+        if "feature" not in outputs or not self.training:
+            return loss_dict
+        if sample is None:
+            labels = self.training_labels(batch)
+            if labels is not None:
+                picked = self._pick_contrastive_pixels(labels)
+                sample = (picked, labels.reshape(-1)[picked])
+        if sample is not None:
+            picked, labels = sample
             features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
-            loss = contrastive_loss(features, labels.reshape(-1)[picked], self.config.contrastive_temperature)
+            loss = contrastive_loss(features, labels, self.config.contrastive_temperature)
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
 

@@ -77,6 +77,16 @@ class Trace3DPipeline(VanillaPipeline):
             )
         return callbacks
 
+    def get_train_loss_dict(self, step: int):
+        """VanillaPipeline's step, with the batch handed to the model before its render (see
+        ``Trace3DModel.plan_contrastive_samples``)."""
+        camera, batch = self.datamanager.next_train(step)
+        self.model.plan_contrastive_samples(batch)
+        model_outputs = self._model(camera)  # the DDP wrapper when world_size > 1
+        metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
+        loss_dict = self.model.get_loss_dict(model_outputs, batch, metrics_dict)
+        return model_outputs, loss_dict, metrics_dict
+
     def _density_cycle(self, step: int, log: Optional[Path]) -> None:
         s = self.config.density.run_cycle(self, self.density_state, step)
         CONSOLE.log(

@@ -78,29 +78,37 @@ def rasterize_with_extra(
     extra_colors: Tensor,  # [N, E] e.g. instance features
     extra_grad_to_geometry: bool = False,
     backend: str = "auto",
+    extra_pixels: Optional[Tensor] = None,  # [C, H, W] bool
     **kwargs: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
     """`rasterize` plus `extra_colors` composited like colour (no background): returns
     (render_colors, render_alphas, meta, extra [C, H, W, E]). The CPU backends composite them in
     the colour pass, with the colour's pairs and weights; with gsplat see `_gsplat_with_extra`. On
     all, the extra channels' gradients reach the geometry, and `meta["means2d"]` (densification's
-    statistics), only with `extra_grad_to_geometry`."""
+    statistics), only with `extra_grad_to_geometry`.
+
+    `extra_pixels`: the pixels where the extra channels are needed (e.g. a loss's samples); they
+    are 0 elsewhere on every backend, and the compiled one skips their compositing there."""
     backend = resolve_backend(backend, means.device)
     if backend != "gsplat":
         from trace3d_ns.cuda.rasterization import rasterization
 
         out = rasterization(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, backend=backend, **kwargs,
+            extra_colors=extra_colors, extra_grad_to_geometry=extra_grad_to_geometry, backend=backend,
+            extra_pixels=extra_pixels, **kwargs,
         )
         return out[0], out[1], out[2], out[2].pop("extra_render")
     from gsplat.cuda._wrapper import spherical_harmonics
     from gsplat.rendering import rasterization
 
-    return _gsplat_with_extra(
+    from trace3d_ns.cuda.rasterization import mask_extra
+
+    render, alpha, meta, extra = _gsplat_with_extra(
         rasterization, spherical_harmonics, means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         extra_colors, extra_grad_to_geometry, **kwargs,
     )
+    return render, alpha, meta, mask_extra(extra, extra_pixels)
 
 
 GSPLAT_CHANNEL_CHUNK = 32

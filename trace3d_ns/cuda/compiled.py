@@ -95,6 +95,10 @@ def _arrays(kernels: ModuleType, means2d: Tensor, conics: Tensor, opacities: Ten
     return m, c, o, footprint, colors
 
 
+_NO_PIXELS = np.zeros(0, np.bool_)
+"""`composite_tiles`' sparse_pixels outside render mode: unused."""
+
+
 def _tile_starts(isect: TileIntersections) -> np.ndarray:
     """[C * tiles + 1] int64: first entry of every tile, then the entry count."""
     starts = isect.isect_offsets.reshape(-1).long()
@@ -117,7 +121,7 @@ def _check_memory(num_bytes: int, num_gaussians: int, width: int, height: int, w
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout):
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse):
         kernels = load()
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         C = backgrounds.shape[0]
@@ -132,10 +136,10 @@ class _Composite(torch.autograd.Function):
         with _LOCK:
             kernels.composite_tiles(
                 kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
-                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, _chunks(),
+                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, _chunks(), *sparse,
             )
         ctx.save_for_backward(means2d, conics, opacities, colors, backgrounds)
-        ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad)
+        ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad, sparse)
         render = torch.from_numpy(out).to(colors.dtype).reshape(C, height, width, K)
         alpha = torch.from_numpy(1.0 - trans).to(colors.dtype).reshape(C, height, width, 1)
         return render, alpha
@@ -144,7 +148,7 @@ class _Composite(torch.autograd.Function):
     def backward(ctx, v_render, v_alpha):
         kernels = load()
         means2d, conics, opacities, colors, backgrounds = ctx.saved_tensors
-        arrays, bg, trans, last, layout, geometry, absgrad = ctx.state
+        arrays, bg, trans, last, layout, geometry, absgrad, sparse = ctx.state
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         M, K = flat.shape[0], colors.shape[-1]
         E = kernels.ENTRY_GRADS
@@ -153,7 +157,7 @@ class _Composite(torch.autograd.Function):
             kernels.backward_tiles(
                 *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam, geometry,
                 trans, last, _np(v_render.reshape(-1, K), np.float32), _np(v_alpha.reshape(-1), np.float32),
-                v_entries, _chunks(),
+                v_entries, _chunks(), *sparse,
             )
             # [CN, 8 + K] summed per Gaussian
             grads = torch.from_numpy(kernels.reduce_entries(flat, v_entries, means2d.shape[0], _chunks()))
@@ -165,7 +169,7 @@ class _Composite(torch.autograd.Function):
             grads[:, 2:5].to(conics.dtype),
             grads[:, 5].to(opacities.dtype),
             grads[:, E:].to(colors.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -181,11 +185,15 @@ def composite(
     tile_size: int,
     absgrad: Optional[Tensor] = None,  # [C, N, 2] filled with sum |dL/dmeans2d| in backward
     geometry_channels: Optional[int] = None,  # channels whose gradients reach the geometry (default all)
+    sparse_from: Optional[int] = None,  # channels from here on are composited only at `sparse_pixels`
+    sparse_pixels: Optional[Tensor] = None,  # [C, H, W] bool
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable front-to-back compositing: (render [C, H, W, K], alphas [C, H, W, 1]).
 
     Channels from `geometry_channels` on still get colour gradients, but their loss does not move
-    means2d, conics or opacities (features lifted without moving the geometry)."""
+    means2d, conics or opacities (features lifted without moving the geometry). With
+    `sparse_pixels`, channels from `sparse_from` on are composited only there and are 0 elsewhere
+    (a loss that reads a few pixels of them skips the work on the rest)."""
     C, N, K = colors.shape
     tile_width = -(-width // tile_size)
     tiles_per_cam = tile_width * -(-height // tile_size)
@@ -195,9 +203,15 @@ def composite(
     if backgrounds is None:
         backgrounds = colors.new_zeros(C, K)
     geometry = K if geometry_channels is None else geometry_channels
+    if sparse_pixels is None:
+        sparse = (K, np.zeros(0, np.bool_))
+    else:
+        if sparse_pixels.shape != (C, height, width) or sparse_from is None:
+            raise ValueError(f"sparse_pixels must be [C, H, W] = [{C}, {height}, {width}] with sparse_from, got {tuple(sparse_pixels.shape)}")
+        sparse = (int(sparse_from), _np(sparse_pixels.reshape(-1), np.bool_))
     return _Composite.apply(
         means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
-        backgrounds, absgrad, geometry, layout,
+        backgrounds, absgrad, geometry, layout, sparse,
     )
 
 
@@ -230,13 +244,15 @@ def _count_then_fill(
     counts = np.zeros(width * height if patch_map is None else flat.shape[0], np.int64)
     i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with _LOCK:
-        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks())
+        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS)
     total = int(counts.sum())
     _check_memory(total * 20, N, width, height, "the contribution list")
     offsets = np.cumsum(counts) - counts
     gids, index, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
     with _LOCK:
-        kernels.composite_tiles(fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks())
+        kernels.composite_tiles(
+            fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks(), 0, _NO_PIXELS
+        )
     return gids, index, weights
 
 

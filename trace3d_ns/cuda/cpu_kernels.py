@@ -148,9 +148,12 @@ def composite_tiles(
     out_index,  # [P] int64 pixel id c * H * W + y * W + x, or patch id (fill modes)
     out_weight,  # [P] float32 alpha * T, or its sum over the entry's pixels in the patch (fill modes)
     workers,  # parallel workers (threads): each takes every workers-th tile
+    sparse_from,  # channels [sparse_from, K) are composited only at `sparse_pixels` (render)
+    sparse_pixels,  # [C * H * W] bool, or empty: those channels everywhere (render)
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
+    dense = sparse_from if sparse_pixels.shape[0] > 0 else K  # channels composited at every pixel
     pixels_per_camera = width * height
     for w in prange(workers):  # worker w takes tiles w, w + workers, ...: both halves of the image
         for t in range(w, num_tiles, workers):
@@ -201,8 +204,11 @@ def composite_tiles(
                         w = alpha * T[i]
                         pid = pix_base + y * width + x
                         if mode == MODE_RENDER:
-                            for k in range(K):
+                            for k in range(dense):
                                 acc[i, k] += np.float32(w) * colors[g, k]
+                            if dense < K and sparse_pixels[pid]:
+                                for k in range(dense, K):
+                                    acc[i, k] += np.float32(w) * colors[g, k]
                             last[i] = e
                         elif mode == MODE_COUNT_PAIRS:
                             counts[pid] += 1
@@ -264,6 +270,8 @@ def backward_tiles(
     v_alphas_out,  # [C * H * W] float32 dL/d render alpha
     v_entries,  # [M, ENTRY_GRADS + K] float32 out, per tile entry: every row written (zeros where unused)
     workers,  # parallel workers (threads): each takes every workers-th tile
+    sparse_from,  # channels [sparse_from, K) were composited only at `sparse_pixels`
+    sparse_pixels,  # [C * H * W] bool, or empty: everywhere
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
@@ -293,11 +301,14 @@ def backward_tiles(
                     pid = pix_base + y * width + x
                     T[i] = transmittance[pid]
                     s = 0.0
+                    sparse_here = sparse_pixels.shape[0] == 0 or sparse_pixels[pid]
                     for k in range(K):
                         v_out[i, k] = v_colors_out[pid, k]
+                        if k >= sparse_from and not sparse_here:
+                            v_out[i, k] = 0.0  # a channel not composited here: its render is no function of the Gaussians
                         if k < G:
-                            s += backgrounds[cam, k] * v_colors_out[pid, k]
-                        elif v_colors_out[pid, k] != 0.0:
+                            s += backgrounds[cam, k] * v_out[i, k]
+                        elif v_out[i, k] != 0.0:
                             extra[i] = True
                     t_v[i] = transmittance[pid] * (v_alphas_out[pid] - s)
                     last_local[i] = last[pid]

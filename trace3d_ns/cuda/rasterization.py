@@ -111,6 +111,7 @@ def rasterization(
     extra_colors: Optional[Tensor] = None,  # [N, E]
     extra_grad_to_geometry: bool = False,
     backend: str = "torch",
+    extra_pixels: Optional[Tensor] = None,  # [C, H, W] bool
     **unsupported: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Same arguments, outputs and `meta` as `gsplat.rendering.rasterization(packed=False)`.
@@ -118,10 +119,17 @@ def rasterization(
     Returns (render_colors [C, H, W, X], render_alphas [C, H, W, 1], meta). Beyond gsplat:
     `extra_colors` are composited with the same pairs and weights (no second pass) and returned as
     `meta["extra_render"]` [C, H, W, E], without background; their gradients reach the geometry
-    only with `extra_grad_to_geometry`. `backend`: "torch" or "compiled" (CPU tensors only).
+    only with `extra_grad_to_geometry`; with `extra_pixels` they are composited only at those
+    pixels (0 elsewhere; the torch backend composites all, then masks). `backend`: "torch" or
+    "compiled" (CPU tensors only).
     """
     if backend not in ("torch", "compiled"):
         raise ValueError(f"backend must be 'torch' or 'compiled', got {backend!r}")
+    if extra_pixels is not None and (extra_colors is None or extra_pixels.shape != (viewmats.shape[0], height, width)):
+        raise ValueError(
+            f"extra_pixels needs extra_colors and the shape [C, H, W] = [{viewmats.shape[0]}, {height}, {width}], "
+            f"got {list(extra_pixels.shape)}"
+        )
     if packed or camera_model != "pinhole" or sparse_grad or unsupported:
         extra = ", ".join(sorted(unsupported))
         raise NotImplementedError(
@@ -177,7 +185,7 @@ def rasterization(
     composite = _composite_compiled if backend == "compiled" else _composite_torch
     render_colors, render_alphas, extra_render = composite(
         proj.means2d, proj.conics, opacities_c, colors_c, backgrounds, proj.radii, proj.depths, isect, width, height,
-        tile_size, absgrad_buffer, extra_colors, extra_grad_to_geometry,
+        tile_size, absgrad_buffer, extra_colors, extra_grad_to_geometry, extra_pixels,
     )  # [C, H, W, X], [C, H, W, 1], [C, H, W, E] or None
 
     if render_mode in ("ED", "RGB+ED"):
@@ -212,7 +220,7 @@ def rasterization(
 
 def _composite_torch(
     means2d, conics, opacities, colors, backgrounds, radii, depths, isect, width, height, tile_size, absgrad_buffer,
-    extra_colors, extra_grad_to_geometry,
+    extra_colors, extra_grad_to_geometry, extra_pixels,
 ):
     """Per camera: the contributing pairs, then `composite_pairs` with autograd."""
     renders, alphas, extras = [], [], []
@@ -232,15 +240,18 @@ def _composite_torch(
             image = image + (1.0 - alpha)[:, None] * backgrounds[c]
         renders.append(image.reshape(height, width, -1))
         alphas.append(alpha.reshape(height, width, 1))
-    return torch.stack(renders), torch.stack(alphas), torch.stack(extras) if extras else None
+    if not extras:
+        return torch.stack(renders), torch.stack(alphas), None
+    return torch.stack(renders), torch.stack(alphas), mask_extra(torch.stack(extras), extra_pixels)
 
 
 def _composite_compiled(
     means2d, conics, opacities, colors, backgrounds, radii, depths, isect, width, height, tile_size, absgrad_buffer,
-    extra_colors, extra_grad_to_geometry,
+    extra_colors, extra_grad_to_geometry, extra_pixels,
 ):
     """All cameras in one pass of the compiled kernels; extra colours ride along as channels with a
-    zero background, their gradients kept off the geometry unless asked."""
+    zero background, their gradients kept off the geometry unless asked, composited only at
+    `extra_pixels` when given."""
     from trace3d_ns.cuda import compiled
 
     C, _, D = colors.shape
@@ -252,8 +263,17 @@ def _composite_compiled(
     geometry = channels.shape[-1] if extra_grad_to_geometry or extra_colors is None else D
     render, alpha = compiled.composite(
         means2d, conics, opacities, channels, backgrounds, isect, width, height, tile_size,
-        absgrad=absgrad_buffer, geometry_channels=geometry,
+        absgrad=absgrad_buffer, geometry_channels=geometry, sparse_from=D, sparse_pixels=extra_pixels,
     )
     if extra_colors is None:
         return render, alpha, None
     return render[..., :D], alpha, render[..., D:]
+
+
+def mask_extra(extra: Tensor, extra_pixels: Optional[Tensor]) -> Tensor:
+    """extra [C, H, W, E] with 0 outside `extra_pixels` [C, H, W] bool (None: unchanged)."""
+    if extra_pixels is None:
+        return extra
+    if extra_pixels.shape != extra.shape[:3]:
+        raise ValueError(f"extra_pixels must be [C, H, W] = {list(extra.shape[:3])}, got {list(extra_pixels.shape)}")
+    return extra * extra_pixels[..., None].to(extra.dtype)
