@@ -217,6 +217,23 @@ def test_point_on_one_object_selects_exactly_it(two_squares):
     assert result["foreground"]["miou"] > 0.8 and result["foreground"]["macc"] > 0.95
 
 
+def test_traced_mode_selects_each_square_and_needs_features(two_squares):
+    model, view = two_squares
+    model.selection_cameras = view.camera
+    try:
+        result = evaluate(model, [view], [view], has_objects=True, settings=Settings(mode="traced"))
+    finally:
+        model.selection_cameras = None  # the fixture is shared
+    assert result["mode"] == "traced"
+    assert all(o["num_selected"] == 225 and o["iou"] > 0.8 for o in result["objects"].values())
+    features = model.gauss_params.pop("features")
+    try:
+        with pytest.raises(EvaluationError, match="--mode traced needs a model with a feature field"):
+            resolve_mode(model, "traced")
+    finally:
+        model.gauss_params["features"] = features
+
+
 def test_selection_does_not_leak_to_the_other_object(two_squares):
     model, view = two_squares
     red = torch.arange(450) < 225

@@ -101,6 +101,27 @@ def test_instance_mode_selects_by_label_even_with_features():
     assert controls.selection().sum() < 150  # the threshold applies again
 
 
+def test_traced_mode_selects_the_cluster_and_keeps_its_result_until_something_changes(monkeypatch):
+    import trace3d_ns.viewer_controls as vc
+
+    model, cam = _two_clusters(), _camera(W, H)
+    model.selection_cameras = cam
+    controls = _controls(model)
+    assert "traced" in controls.select_mode.options
+    controls.select_mode.value = "traced"
+    controls.select_threshold.value = 0.5
+    calls = []
+    traced = vc.select_by_traced_feature
+    monkeypatch.setattr(vc, "select_by_traced_feature", lambda *a: calls.append(a[2]) or traced(*a))
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert torch.equal(controls.selection(), LEFT) and controls.select_status.value == "150 Gaussians"
+    controls.selection()  # a viewer frame: no new pass over the views
+    assert calls == [0.5]
+    controls.select_threshold.value = 0.95
+    controls.on_threshold(controls.select_threshold)
+    assert calls == [0.5, 0.95] and not (controls.selection() & ~LEFT).any()
+
+
 def test_threshold_slider_reapplies_to_the_last_click_monotonically():
     model, cam = _two_clusters(), _camera(W, H)
     controls = _controls(model)

@@ -1,11 +1,14 @@
 """From a pixel to an object's Gaussians, and back to an image.
 
-Used by the viewer's click selection, the evaluation harness and self-prompting. Two ways to
+Used by the viewer's click selection, the evaluation harness and self-prompting. Three ways to
 select from a clicked pixel:
 
 - `feature`: the pixel's rendered feature q; Gaussian i is selected when the cosine similarity of
   q and its selection feature (``model.selection_features()``: the rendered features traced back
   onto it, ``trace3d_ns.features.backprojection``) is >= threshold (default 0.7).
+- `traced`: the same q; in every selection view the pixels whose rendered feature is within the
+  threshold form a 2D prediction, traced back to the Gaussians; those with more than 0.66 of their
+  blending weight inside it are selected (the extraction protocol of the authors' release).
 - `instance`: the Gaussians' instance labels (from Gaussian Instance Tracing) voted by their
   blending weight at the pixel; every Gaussian with the winning label is selected.
 """
@@ -19,9 +22,12 @@ from torch import Tensor
 
 from trace3d_ns.rendering import Contributions, contributions, rasterize
 
-SelectionMode = Literal["auto", "feature", "instance"]
+SelectionMode = Literal["auto", "feature", "instance", "traced"]
 FEATURE_THRESHOLD = 0.7
 """Default cosine-similarity threshold of feature selection."""
+TRACED_SHARE = 0.66
+"""Traced selection keeps the Gaussians with more than this share of their blending weight on the
+pixels predicted as the object (the authors' release keeps those whose fraction is > 0.66)."""
 
 
 def camera_contributions(model, camera) -> Contributions:
@@ -73,6 +79,22 @@ def select_by_feature(model, query: Tensor, threshold: float = FEATURE_THRESHOLD
 
 
 @torch.no_grad()
+def select_by_traced_feature(
+    model, query: Tensor, threshold: float = FEATURE_THRESHOLD, share: float = TRACED_SHARE
+) -> Tensor:
+    """Gaussians with more than `share` of their blending weight, over the model's selection views,
+    on pixels whose rendered feature has cosine similarity >= threshold with `query` [D]
+    (``features.backprojection.traced_match_share``). Renders every selection view: slower than
+    `select_by_feature`, and it leaves out Gaussians that straddle the object's border. [N] bool"""
+    from trace3d_ns.features.backprojection import traced_match_share
+
+    if model.selection_cameras is None:
+        raise ValueError("traced selection needs the training cameras (a model loaded with its pipeline)")
+    cameras = model.selection_cameras.to(model.device)
+    return traced_match_share(model, cameras, query, threshold, model.config.selection_views) > share
+
+
+@torch.no_grad()
 def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
     """All Gaussians carrying the instance label that wins the weighted vote at pixel xy. [N] bool"""
     labels = model.instance_labels
@@ -95,6 +117,8 @@ def select_from_point(
         mode = "feature" if "features" in model.gauss_params else "instance"
     if mode == "feature":
         return select_by_feature(model, pixel_feature(model, camera, xy), threshold)
+    if mode == "traced":
+        return select_by_traced_feature(model, pixel_feature(model, camera, xy), threshold)
     if mode == "instance":
         return select_by_instance(model, camera, xy)
     raise ValueError(f"unknown selection mode {mode!r}")

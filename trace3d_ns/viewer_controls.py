@@ -13,8 +13,10 @@ GUI elements (attribute -> label; the viewer lists them alphabetically by attrib
   after a page reload.
 - `select_mode` "Select by": `auto` (features when the model has them, else instance labels),
   `feature` (similarity to the clicked pixel's rendered feature; only offered with a feature
-  field) or `instance` (the instance label voted by blending weight at the click; needs Gaussian
-  Instance Tracing's labels).
+  field), `traced` (that similarity per pixel of every training view, traced back: leaves out
+  Gaussians straddling the border; renders the training views, so a click takes longer; its
+  result is kept until the click, threshold or Gaussians change) or `instance` (the instance label
+  voted by blending weight at the click; needs Gaussian Instance Tracing's labels).
 - `select_status` "Selected": number of selected Gaussians (read-only).
 - `select_threshold` "Similarity threshold": cosine similarity >= threshold between the clicked
   pixel's rendered feature q and Gaussian i's selection feature (its rendered features traced back,
@@ -57,6 +59,7 @@ from trace3d_ns.selection import (
     pixel_feature,
     render_subset_alpha,
     select_by_feature,
+    select_by_traced_feature,
     select_from_point,
 )
 
@@ -117,11 +120,14 @@ class InstanceViewerControls(torch.nn.Module):
         object.__setattr__(self, "_model_ref", weakref.ref(model))
         self._query: Optional[Tensor] = None  # [D] rendered feature at the last click (feature mode)
         self._label: Optional[int] = None  # instance label picked by the last click (instance mode)
+        self._traced = False  # the last click selects by traced feature predictions
+        self._traced_mask: Optional[Tuple[tuple, Tensor]] = None  # (cache key, its selection)
         self.viewer_control = ViewerControl()
         self.pca_refit = ViewerButton("Recompute feature PCA", cb_hook=self.on_pca_refit)
         self.select_by_click = ViewerButton("Select object (click)", cb_hook=self.on_select_by_click)
         self.select_mode = ViewerDropdown(
-            "Select by", "auto", ["auto", "feature", "instance"] if model.has_features else ["auto", "instance"],
+            "Select by", "auto",
+            ["auto", "feature", "traced", "instance"] if model.has_features else ["auto", "instance"],
             hint="auto: feature similarity when the model has features, else instance labels",
         )  # fmt: skip
         self.select_status = ViewerText("Selected", "nothing", disabled=True)
@@ -150,6 +156,11 @@ class InstanceViewerControls(torch.nn.Module):
         valid when densification changes the number of Gaussians.
         """
         model = self._model
+        if self._query is not None and self._traced:
+            key = (id(self._query), self.select_threshold.value, model.selection_cache_key())
+            if self._traced_mask is None or self._traced_mask[0] != key:
+                self._traced_mask = (key, select_by_traced_feature(model, self._query, self.select_threshold.value))
+            return self._traced_mask[1]
         if self._query is not None:
             return select_by_feature(model, self._query, self.select_threshold.value)
         if self._label is not None and model.instance_labels.numel() == model.num_points:
@@ -169,8 +180,9 @@ class InstanceViewerControls(torch.nn.Module):
         xy = click_pixel(camera, click.screen_pos)
         mode = self.select_mode.value
         try:
-            if mode == "feature" or (mode == "auto" and model.has_features):
+            if mode in ("feature", "traced") or (mode == "auto" and model.has_features):
                 self._query, self._label = pixel_feature(model, camera, xy), None
+                self._traced, self._traced_mask = mode == "traced", None
             else:
                 mask = select_from_point(model, camera, xy, mode="instance")
                 self._query, self._label = None, int(model.instance_labels[mask][0]) if mask.any() else None
@@ -185,7 +197,7 @@ class InstanceViewerControls(torch.nn.Module):
 
     def on_clear(self, _: Optional[ViewerButton] = None) -> None:
         """Forget the last click."""
-        self._query = self._label = None
+        self._query = self._label = self._traced_mask = None
         self._report()
 
     def _report(self) -> None:

@@ -150,12 +150,12 @@ def reference_view(masks: Sequence[np.ndarray]) -> Optional[int]:
 
 
 # ---- selection and rendering --------------------------------------------------------------------
-def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance"]:
+def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance", "traced"]:
     """The selection mode `auto` stands for on this model; raises if the model cannot do `mode`."""
     has_labels = model.instance_labels.numel() == model.num_points and model.num_points > 0
     resolved = ("feature" if model.has_features else "instance") if mode == "auto" else mode
-    if resolved == "feature" and not model.has_features:
-        raise EvaluationError("--mode feature needs a model with a feature field (feature_dim > 0)")
+    if resolved in ("feature", "traced") and not model.has_features:
+        raise EvaluationError(f"--mode {resolved} needs a model with a feature field (feature_dim > 0)")
     if resolved == "instance" and not has_labels:
         raise EvaluationError(
             "--mode instance needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)"
