@@ -23,6 +23,7 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -109,11 +110,14 @@ class _Contrastive(torch.autograd.Function):
 
         loss = -mean_anchors (log p_i - log s_i)
         G = dL/dlogits = diag(a) E - diag(b) (E on the blocks),   a = w / s, b = w / p, w = grad / n on anchors
-        dL/dA = G B,   dL/dB = G^T A = E diag(a) A - (E on the blocks) diag(b) A
+        dL/dA = G B,   dL/dB = G^T A
 
-    (E and its blocks are symmetric, as the logits are), so the [M, M] work is one product, a clamp,
-    an exp and a row sum forward and one product with E backward; the block terms are one small
-    product per label. Batches where this is not exact (see ``_MIN_ROW_SUM``) take the reference."""
+    Only anchors have rows in G (w is 0 elsewhere), and in the label order every anchor comes after
+    the unlabelled samples (label 0 sorts first): E is built for the rows from the first block on,
+    [M - first, M] (the unlabelled ~20% of the samples are columns only). Forward that is one
+    product, a clamp, an exp and a row sum; backward one product with E and one with its transpose,
+    plus one small product per label (a block of E is symmetric, as the logits are). Batches where
+    this is not exact (see ``_MIN_ROW_SUM``) take the reference."""
 
     @staticmethod
     def forward(ctx, features, labels, order, blocks, temperature):
@@ -122,12 +126,14 @@ class _Contrastive(torch.autograd.Function):
         ones = torch.ones_like(sq)
         A = torch.cat([f, sq, ones], dim=1)  # [M, D + 2]
         B = torch.cat([f * (2.0 * temperature), ones * -temperature, sq * -temperature], dim=1)  # [M, D + 2]
-        E = torch.mm(A, B.T).clamp_(min=_FLOOR).exp_().fill_diagonal_(0.0)  # [M, M]
-        s = E.sum(dim=1)  # [M]
+        first = blocks[0][0]  # rows before it are never anchors
+        E = torch.mm(A[first:], B.T).clamp_(min=_FLOOR).exp_()  # [M - first, M]
+        E[:, first:].fill_diagonal_(0.0)  # u' != u
+        s = E.sum(dim=1)  # [M - first]
         p = torch.zeros_like(s)
         for start, end in blocks:
-            p[start:end] = E[start:end, start:end].sum(dim=1)
-        anchors = torch.cat([torch.arange(a, b, device=f.device) for a, b in blocks])  # [n]
+            p[start - first : end - first] = E[start - first : end - first, start:end].sum(dim=1)
+        anchors = torch.cat([torch.arange(a, b, device=f.device) for a, b in blocks]) - first  # [n]
         s_a, p_a = s[anchors], p[anchors]
         ctx.fallback = not bool(
             torch.isfinite(s_a).all() and (s_a >= _MIN_ROW_SUM).all() and (p_a >= _MIN_ROW_SUM).all()
@@ -142,7 +148,7 @@ class _Contrastive(torch.autograd.Function):
         w = torch.zeros_like(s)
         w[anchors] = 1.0 / anchors.numel()
         ctx.save_for_backward(order, f, A, B, E, w / s, w / p.clamp(min=_MIN_ROW_SUM))
-        ctx.blocks, ctx.temperature = blocks, temperature
+        ctx.blocks, ctx.temperature, ctx.first = blocks, temperature, first
         return (torch.log(s_a) - torch.log(p_a)).clamp_(min=0.0).mean()  # p <= s: >= 0 but for rounding
 
     @staticmethod
@@ -150,16 +156,18 @@ class _Contrastive(torch.autograd.Function):
         if ctx.fallback:
             (g,) = ctx.saved_tensors
             return g * grad, None, None, None, None
-        order, f, A, B, E, a, b = ctx.saved_tensors
-        a, b = a * grad, b * grad  # [M]
-        # E and its blocks are symmetric (so are the logits): E^T X = E X, one product for both
-        both = torch.mm(E, torch.cat([B, A * a[:, None]], dim=1))  # [M, 2 (D + 2)]
+        order, f, A, B, E, a, b = ctx.saved_tensors  # E [R, M], a and b [R]: the rows from `first` on
+        first = ctx.first
+        a, b = a * grad, b * grad  # [R]
+        rows = slice(first, None)
+        dA = torch.zeros_like(A)  # [M, D + 2]: no gradient through the rows that are never anchors
+        dA[rows] = torch.mm(E, B).mul_(a[:, None])  # diag(a) E B
+        dB = torch.mm(E.T, A[rows] * a[:, None])  # [M, D + 2] E^T diag(a) A
         k = B.shape[1]
-        dA, dB = both[:, :k].mul_(a[:, None]), both[:, k:]  # diag(a) E B, E^T diag(a) A
-        rhs = torch.cat([B, A * b[:, None]], dim=1)  # [M, 2 (D + 2)]
+        rhs = torch.cat([B, A * F.pad(b, (first, 0))[:, None]], dim=1)  # [M, 2 (D + 2)]
         for start, end in ctx.blocks:
-            block = torch.mm(E[start:end, start:end], rhs[start:end])
-            dA[start:end] -= b[start:end, None] * block[:, :k]
+            block = torch.mm(E[start - first : end - first, start:end], rhs[start:end])  # symmetric block
+            dA[start:end] -= b[start - first : end - first, None] * block[:, :k]
             dB[start:end] -= block[:, k:]
         D, tau = f.shape[1], ctx.temperature
         df = dA[:, :D] + 2.0 * tau * dB[:, :D] + 2.0 * f * (dA[:, D : D + 1] - tau * dB[:, D + 1 : D + 2])  # [M, D]
