@@ -168,6 +168,15 @@ def test_backprojection_temporaries_are_bounded_by_the_chunk(monkeypatch):
     assert peak_chunked <= accumulators + 4 * (3 * chunk * d + 2 * chunk) + 4096
     assert peak_whole >= 2 * 4 * num_pairs * d  # what chunking avoids: [pairs, D] temporaries
 
+    # traced selection streams the same views: inside, total, the share; one view's F, alpha, norms
+    # and prediction; the chunk's temporaries
+    query = model.gauss_params["features"][0].detach()
+    with LiveTensorBytes() as mem:
+        share = backprojection.traced_match_share(model, cameras, query, 0.7, pair_chunk=chunk)
+    assert (share >= 0).any()
+    bound = 4 * (4 * n + W * H * d + 4 * W * H) + 4 * (3 * chunk * d + 3 * chunk) + 4096
+    assert mem.peak <= bound, (mem.peak, bound)
+
 
 # ---- tracing: weights above float16's range ----------------------------------------------------------
 def test_weights_above_float16_range_stay_finite_through_merging():

@@ -45,7 +45,8 @@ PAIR_CHUNK = 1 << 18
 
 def rendered_views(model, cameras, max_views: int = 64, pair_chunk: int = PAIR_CHUNK):
     """Per view of ``cameras`` (at most ``max_views``, spread evenly): (contributions, F [HW, D], alpha
-    [HW]), F the rendered alpha-normalised feature of every pixel. One view in memory at a time."""
+    [HW]), F the rendered alpha-normalised feature of every pixel. One view in memory at a time, if
+    the caller drops its references before asking for the next."""
     features = model.gauss_params["features"].detach()  # [N, D]
     d = features.shape[1]
     for i in spread_views(len(cameras), max_views).tolist():
@@ -72,6 +73,7 @@ def backproject_features(model, cameras, max_views: int = 64, pair_chunk: int = 
         for g, p, w in _chunks(c, pair_chunk):
             num.index_add_(0, g, w[:, None] * rendered[p])
             den.index_add_(0, g, w)
+        del c, rendered  # before the next view's are made
     seen = den > 0
     return torch.where(seen[:, None], num / den.clamp(min=1e-12)[:, None], features)
 
@@ -88,10 +90,11 @@ def traced_match_share(
     total = torch.zeros(n, device=query.device)
     q = torch.nn.functional.normalize(query.reshape(-1), dim=0)
     for c, rendered, _ in rendered_views(model, cameras, max_views, pair_chunk):
-        predicted = (torch.nn.functional.normalize(rendered, dim=-1) @ q) >= threshold  # [HW]
+        predicted = (rendered @ q) >= threshold * rendered.norm(dim=-1)  # [HW] cosine >= threshold
         for g, p, w in _chunks(c, pair_chunk):
             inside.index_add_(0, g, w * predicted[p])
             total.index_add_(0, g, w)
+        del c, rendered, predicted  # before the next view's are made
     return torch.where(total > 0, inside / total.clamp(min=1e-12), torch.full_like(total, -1.0))
 
 
