@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 def _raster(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.raster import run_raster_benchmark
 
-    return run_raster_benchmark(num_gaussians=args.gaussians or 20000, size=args.size or 128, repeats=args.repeats)
+    return run_raster_benchmark(num_gaussians=args.gaussians or 20000, size=args.size or 128, repeats=args.repeats or 15)
 
 
 def _scale(args: argparse.Namespace) -> Dict:
@@ -47,7 +47,7 @@ def _export(args: argparse.Namespace) -> Dict:
 def _trace(args: argparse.Namespace) -> Dict:
     from trace3d_ns.benchmarks.trace import run_trace_benchmark
 
-    return run_trace_benchmark(repeats=args.repeats)
+    return run_trace_benchmark(repeats=args.repeats or 3)
 
 
 def _density(args: argparse.Namespace) -> Dict:
@@ -101,7 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="raster (default 128), scale (default 256), ablation / density (default 160): image side")
     parser.add_argument("--views", type=int, default=None, help="scale: number of views (default 200); ablation, density: views per scene (default 40)")
     parser.add_argument("--threads", type=int, default=None, help="scale: torch threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3, help="raster: timed repeats (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="raster: rounds of the backends timed in turn (median; default 15: this shared "
+                             "machine's speed drifts by 20-40%% within minutes); trace: timed repeats (default 3)")
     parser.add_argument("--backend", choices=("auto", "compiled", "torch"), default="auto",
                         help="scale: rasterizer backend of the tracing (as the model's rasterizer field; auto: compiled on the CPU)")
     parser.add_argument("--work", type=Path, default=None,
