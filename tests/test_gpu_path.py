@@ -387,7 +387,8 @@ def test_instance_output_is_computed_only_when_displayed(monkeypatch):
 # ---- feature pass: the contrastive gradients reach densification's means2d on every backend ----------
 @pytest.mark.parametrize("render_mode", ["RGB", "RGB+ED"])
 @pytest.mark.parametrize("grad_to_geometry", [True, False])
-def test_gsplat_feature_pass_gradients_equal_the_torch_backend(grad_to_geometry, render_mode):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gsplat_feature_pass_gradients_equal_the_torch_backend(grad_to_geometry, render_mode, sparse):
     from trace3d_ns.cuda.rasterization import rasterization
     from trace3d_ns.cuda.sh import spherical_harmonics
     from trace3d_ns.rendering import _gsplat_with_extra, rasterize_with_extra
@@ -396,13 +397,17 @@ def test_gsplat_feature_pass_gradients_equal_the_torch_backend(grad_to_geometry,
     g = torch.Generator().manual_seed(3)
     base = [*random_gaussians(200, seed=5, sh_degree=2), torch.randn(200, 16, generator=g)]
     weights = [torch.rand(H, W, c, generator=g) for c in (3, 16, 1)]
+    wanted = (torch.rand(1, H, W, generator=g) < 0.1) if sparse else None  # features needed only there
 
     def run(fn):
         means, quats, scales, opac, sh, feats = [t.clone().requires_grad_(True) for t in base]
         render, alpha, meta, extra = fn(
             means, quats, scales, opac, sh, view[None], K[None], W, H, extra_colors=feats,
             extra_grad_to_geometry=grad_to_geometry, sh_degree=2, render_mode=render_mode, absgrad=True,
+            extra_pixels=wanted,
         )
+        if sparse:
+            assert (extra[~wanted] == 0).all() and (extra[wanted] != 0).any()
         meta["means2d"].retain_grad()
         loss = (render[0, ..., :3] * weights[0]).sum() + (extra[0] * weights[1]).sum() + (alpha[0] * weights[2]).sum()
         if render_mode == "RGB+ED":

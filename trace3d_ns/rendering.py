@@ -102,13 +102,10 @@ def rasterize_with_extra(
     from gsplat.cuda._wrapper import spherical_harmonics
     from gsplat.rendering import rasterization
 
-    from trace3d_ns.cuda.rasterization import mask_extra
-
-    render, alpha, meta, extra = _gsplat_with_extra(
+    return _gsplat_with_extra(
         rasterization, spherical_harmonics, means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        extra_colors, extra_grad_to_geometry, **kwargs,
+        extra_colors, extra_grad_to_geometry, extra_pixels=extra_pixels, **kwargs,
     )
-    return render, alpha, meta, mask_extra(extra, extra_pixels)
 
 
 GSPLAT_CHANNEL_CHUNK = 32
@@ -129,10 +126,12 @@ def _gsplat_with_extra(
     height: int,
     extra_colors: Tensor,  # [N, E]
     extra_grad_to_geometry: bool,
+    extra_pixels: Optional[Tensor] = None,  # [C, H, W] bool
     **kwargs: Any,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any], Tensor]:
     """The CUDA branch of `rasterize_with_extra`, for any `rasterization` with gsplat's signature
-    (gsplat's; tests pass the torch backend's) and its `spherical_harmonics`.
+    (gsplat's; tests pass the torch backend's) and its `spherical_harmonics`. gsplat composites the
+    extra channels everywhere; outside `extra_pixels` they are then set to 0, as on the CPU backends.
 
     - `extra_grad_to_geometry`: one pass whose colours are [colour | extra] (SH evaluated here as
       gsplat does), so the extra channels' gradients flow into the same `meta["means2d"]` that
@@ -150,7 +149,7 @@ def _gsplat_with_extra(
             geometry = [t.detach() for t in geometry]
         extra_kwargs = {k: v for k, v in kwargs.items() if k in ("near_plane", "far_plane", "rasterize_mode", "eps2d")}
         extra, _, _ = rasterization(*geometry, extra_colors, viewmats, Ks, width, height, packed=False, **extra_kwargs)
-        return render, alpha, meta, extra
+        return render, alpha, meta, _mask_extra(extra, extra_pixels)
 
     C = viewmats.shape[0]
     sh_degree = kwargs.pop("sh_degree", None)
@@ -174,7 +173,13 @@ def _gsplat_with_extra(
     )
     extra = render[..., D : D + E]  # [C, H, W, E]
     render = torch.cat([render[..., :D], render[..., D + E :]], dim=-1)  # [C, H, W, D (+ 1)]
-    return render, alpha, meta, extra
+    return render, alpha, meta, _mask_extra(extra, extra_pixels)
+
+
+def _mask_extra(extra: Tensor, extra_pixels: Optional[Tensor]) -> Tensor:
+    from trace3d_ns.cuda.rasterization import mask_extra
+
+    return mask_extra(extra, extra_pixels)
 
 
 @dataclass
