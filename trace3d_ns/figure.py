@@ -3,7 +3,7 @@
 Columns: the test image, the RGB render, the instance render (each Gaussian's instance label,
 palette colours), the feature PCA, then the largest extracted objects, each one's Gaussians
 rendered alone (the background, the instance seen most along the first view's border, is left
-out). Rows: test views spread over the held-out set.
+out; pixels of no instance do not count). Rows: test views spread over the held-out set.
 
     python -m trace3d_ns.figure --load-config outputs/.../config.yml --out overview.png
 """
@@ -48,6 +48,16 @@ def compose(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], size: i
     return np.asarray(canvas)
 
 
+def background_instance(ids: torch.Tensor) -> int:
+    """The instance seen most along the border of an [H, W] instance-id map; pixels of no instance
+    (0, e.g. the sky) do not count. 0 when the border shows none."""
+    import torch
+
+    border = torch.cat([ids[0], ids[-1], ids[:, 0], ids[:, -1]])
+    border = border[border > 0]
+    return int(torch.mode(border).values) if border.numel() else 0
+
+
 def overview(pipeline, num_views: int = 3, num_objects: int = 3) -> np.ndarray:
     """The overview grid of a loaded pipeline (see the module docstring)."""
     import torch
@@ -63,8 +73,7 @@ def overview(pipeline, num_views: int = 3, num_objects: int = 3) -> np.ndarray:
         from trace3d_ns.viewer_controls import top_instance_ids
 
         first = top_instance_ids(model, dataset.cameras[int(picks[0]) : int(picks[0]) + 1].to(model.device))  # [H, W]
-        border = torch.cat([first[0], first[-1], first[:, 0], first[:, -1]])
-        background = int(torch.mode(border).values)
+        background = background_instance(first)
         ids, counts = torch.unique(labels[(labels > 0) & (labels != background)], return_counts=True)
         objects = ids[torch.argsort(counts, descending=True)][:num_objects].tolist()
     titles = ["test image", "render", "instances", "feature PCA"] + [f"object {i}" for i in objects]
