@@ -114,6 +114,8 @@ class Trace3DModel(SplatfactoModel):
         if device.type == "cuda":
             require_gsplat_cuda()  # a clear message now, not an AttributeError at the first render
         super().__init__(*args, **kwargs)
+        self._contrastive_batch: Optional[Dict[str, Tensor]] = None  # planned by the pipeline for the next render
+        self._contrastive_sample: Optional[Tuple[Tensor, Tensor]] = None  # (picked, labels) of that render
         if device.type == "cpu" and self.config.cpu_threads > 0:
             torch.set_num_threads(self.config.cpu_threads)
         if device.type == "cpu" and self.config.cpu_keep_freed_memory:
@@ -391,7 +393,7 @@ class Trace3DModel(SplatfactoModel):
     def _sample_contrastive_pixels(self, height: int, width: int) -> Optional[Tensor]:
         """[1, H, W] bool: the planned step's contrastive pixels (kept for ``get_loss_dict``), or None
         (features everywhere) outside a planned training step."""
-        batch, self._contrastive_batch, self._contrastive_sample = getattr(self, "_contrastive_batch", None), None, None
+        batch, self._contrastive_batch, self._contrastive_sample = self._contrastive_batch, None, None
         labels = None if batch is None or not self.training else self.training_labels(batch, (height, width))
         if labels is None:
             return None
@@ -408,7 +410,7 @@ class Trace3DModel(SplatfactoModel):
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        sample, self._contrastive_sample = getattr(self, "_contrastive_sample", None), None  # planned (picked, labels)
+        sample, self._contrastive_sample = self._contrastive_sample, None  # planned (picked, labels)
         if "feature" not in outputs or not self.training:
             return loss_dict
         if sample is None:
