@@ -397,8 +397,6 @@ def test_gsplat_feature_pass_gradients_equal_the_torch_backend(grad_to_geometry,
     g = torch.Generator().manual_seed(3)
     base = [*random_gaussians(200, seed=5, sh_degree=2), torch.randn(200, 16, generator=g)]
     weights = [torch.rand(H, W, c, generator=g) for c in (3, 16, 1)]
-    if sparse and grad_to_geometry:
-        pytest.skip("open: means.grad differs with extra_pixels and grad_to_geometry (session 10 note)")
     wanted = (torch.rand(1, H, W, generator=g) < 0.1) if sparse else None  # features needed only there
 
     def run(fn):
@@ -427,7 +425,10 @@ def test_gsplat_feature_pass_gradients_equal_the_torch_backend(grad_to_geometry,
         if a is None or b is None:
             assert a is None and b is None, name
             continue
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        # float32 sums in another order: entries that cancel to ~0 keep an error relative to the
+        # tensor's largest entry (~3e-7 of it measured), not to themselves
+        atol = 1e-5 + 1e-6 * float(b.detach().abs().max())
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=name)
 
 
 # ---- start-up checks -----------------------------------------------------------------------------------
