@@ -368,3 +368,55 @@ def test_segments_partition_every_view_and_ids_do_not():
     assert float(ours.patch_purity[0][2]) == 1.0 and ours.stats.num_instances == 2
     for v in range(1, 5):
         assert torch.equal(ours.patch_to_global[v], by_ids.patch_to_global[v])
+
+
+def test_views_that_keep_a_gaussian_apart_from_an_instance_vote_against_it():
+    # X = A (20 Gaussians), Y = B[:12]. Views 0-2: SAM merged them (weight 1 each); the merged segments
+    # map 20 of their 32 Gaussians onto X's segments and join X's instance. Views 3-7 see Y apart from
+    # X, but faintly (Y draws weight 0.5 there): 2.5 votes for Y's id against 3 for X's, and within-view
+    # merging keeps them apart (3 of 7 other views join them). With contrary votes at weight 0.5, the
+    # five views where X is present and Y drawn in its own segment count against X: 3 - 0.5 * 2.5 < 2.5.
+    x, y = list(A), list(B)[:12]
+    acc, maps = TraceAccumulator(N, 8), []
+    for v in range(8):
+        if v < 3:
+            contrib, patch_map = _view([x + y])
+        else:
+            contrib, patch_map = _view([x, y])
+            contrib.weights[len(x):] = 0.5
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    traces = acc.build()
+    before = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
+    assert torch.all(before[y] == before[0])  # the failure contrary votes fix
+    result = consistent_instances(traces, maps, MergeConfig(min_traced=3, contrary_weight=0.5))
+    labels = result.gaussian_labels
+    assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20])
+    assert 0 not in (int(labels[0]), int(labels[20])) and labels[0] != labels[20]
+    for v in range(3, 8):
+        assert result.patch_to_global[v][1:].tolist() == [int(labels[0]), int(labels[20])]
+
+
+def test_contrary_votes_count_only_views_where_the_instance_is_present():
+    from trace3d_ns.git.merging import _TraceArrays, _contrary_votes
+
+    # View 0: A and B apart; view 1: A only; view 2: B only. Under ids A -> 1, B -> 2, a Gaussian of A
+    # votes 1 in views 0 and 1; id 2 is present in views 0 and 2, and in view 0 the Gaussian votes 1
+    # for another instance (A's id): 1 vote against 2. Against its own id 1 (present in views 0, 1): 0.
+    acc, maps = TraceAccumulator(N, 3), []
+    for v, groups in enumerate([[list(A), list(B)], [list(A)], [list(B)]]):
+        contrib, patch_map = _view(groups)
+        acc.add_view(v, contrib, patch_map)
+        maps.append(patch_map)
+    config = MergeConfig(min_traced=3)
+    t = _TraceArrays(acc.build(), config)
+    global_id = np.array([0, 1, 2, 0, 1, 0, 2])  # per global patch: view 0 (0, A, B), view 1 (0, A), view 2 (0, B)
+    keep = t.seen[t.entry_obs]
+    ids = global_id[t.entry_patch[keep]]
+    owner = np.array([0, 0, 20, 20])
+    label = np.array([1, 2, 1, 2])
+    votes = np.array([2.0, 0.0, 0.0, 2.0])
+    against = _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, t.entry_prob[keep])
+    assert against.tolist() == [0.0, 1.0, 1.0, 0.0]
+    blocks = _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, t.entry_prob[keep], block=16)
+    assert blocks.tolist() == against.tolist()  # Gaussians 0 and 20 in different row blocks

@@ -111,6 +111,9 @@ class MergeConfig:
     """Patches are compared only when at least this many other views are usable for both."""
     link_threshold: float = 0.5
     """Segments of two views are linked when each one's Gaussians map to the other above this."""
+    link_share: Literal["seen", "informative"] = "seen"
+    """Denominator of ``f(s -> s')``: s's traced Gaussians seen in the other view, or only those of them
+    informative there (in some mask)."""
     patch_ids: Literal["vote", "merged"] = "vote"
     """merged: a patch's id is its merged component's global id; vote (default): the id most of its
     traced Gaussians are labelled with (after the per-Gaussian vote), so a patch whose component
@@ -168,6 +171,10 @@ class MergeConfig:
     cost instead: per-view IoU 0.886/0.866/0.885 with ids, 0.869/0.836/0.882 with segments; there, the
     segments sharing an id were ones the view's merging had compared and kept apart (similarity <= the
     threshold), mostly parts of one object that the ids joined."""
+    contrary_weight: float = 0.0
+    """The per-Gaussian vote also counts votes against: an instance id's score is the Gaussian's votes for
+    it minus this times its votes for other instances in the views where that id is present (see
+    :func:`_contrary_votes`; 0: votes for only)."""
     unmasked_min_share: float = 0.5
     """A Gaussian is labelled 0 (no instance) when patch 0 holds at least this share of its votes, else
     it takes the instance id with the most votes (> 1: only when no view puts it in a mask). Patch 0
@@ -247,7 +254,7 @@ def consistent_instances(
     linkable = np.ones(t.num_nodes, dtype=bool)  # [P] by segment root
     for round_ in range(config.unlink_rounds + 1):
         linked = real & linkable[segment]  # [P] impure segments take part in no link
-        links = _cross_view_links(cotrace, seen, num_traced, segment, t.patch_view, linked, config)  # [2, k]
+        links = _cross_view_links(cotrace, seen, informative, num_traced, segment, t.patch_view, linked, config)
         edges = np.concatenate([merge_edges, links], axis=1)  # [2, m + k]
         root = union_find(t.num_nodes, torch.from_numpy(edges)).numpy()
         global_id = _compact(root, real)  # [P], 0 for patch 0
@@ -515,18 +522,22 @@ class _Groups:
 
 
 def _cross_view_links(
-    cotrace: sp.csr_matrix, seen: np.ndarray, num_traced: np.ndarray, segment: np.ndarray, patch_view: np.ndarray,
-    real: np.ndarray, config: MergeConfig,
+    cotrace: sp.csr_matrix, seen: np.ndarray, informative: np.ndarray, num_traced: np.ndarray, segment: np.ndarray,
+    patch_view: np.ndarray, real: np.ndarray, config: MergeConfig,
 ) -> np.ndarray:
     """Accepted mutual-majority links [2, k] between segments (named by their root patch)."""
     num_nodes = len(segment)
     agg = sp.csr_matrix((real.astype(np.float64), (segment, np.arange(num_nodes))), shape=(num_nodes, num_nodes))
     co = (agg @ cotrace @ agg.T).tocoo()  # [S, S] summed over member patches, indexed by root patch
     n = agg @ seen  # [S, L] traced Gaussians of a segment seen in each view
+    m = agg @ informative  # [S, L] ... of them informative there
     traced = agg @ num_traced  # [S]
     n_row = n[co.row, patch_view[co.col]]  # the row segment's Gaussians seen in the column's view
+    m_row = m[co.row, patch_view[co.col]]
     enough = (n_row >= config.min_traced) & (n_row >= config.min_seen_fraction * traced[co.row])
-    frac = np.where(enough, co.data / np.maximum(n_row, 1.0), 0.0)  # f(row -> col)
+    share_of = m_row if config.link_share == "informative" else n_row
+    enough &= share_of >= config.min_traced
+    frac = np.where(enough, co.data / np.maximum(share_of, 1.0), 0.0)  # f(row -> col)
     f = sp.csr_matrix((frac, (co.row, co.col)), shape=co.shape)
     mutual = f.minimum(f.T).tocoo()  # min(f(s -> s'), f(s' -> s))
     keep = (mutual.data > config.link_threshold) & (mutual.row < mutual.col)
@@ -675,7 +686,9 @@ def _gaussian_votes(
     """Per-Gaussian winning global id [N] and its share of the votes [N] (see module docstring): a
     vote is the Gaussian's probability of each patch, times its weight in the view with
     ``config.vote == "weight"``; ``patch_weight`` [P] scales each patch's votes; id 0 wins with
-    ``config.unmasked_min_share`` of the votes, or when no instance id has any."""
+    ``config.unmasked_min_share`` of the votes, or when no instance id has any. With
+    ``config.contrary_weight`` an instance id's score is its votes minus that times the Gaussian's votes for other
+    instances in the views where that id is present (see :func:`_contrary_votes`)."""
     keep = t.seen[t.entry_obs]
     gaussian = t.obs_gaussian[t.entry_obs[keep]]  # [e]
     ids = global_id[t.entry_patch[keep]]  # [e]
@@ -687,7 +700,10 @@ def _gaussian_votes(
     votes = np.bincount(inverse.ravel(), weights=weight, minlength=len(keys))  # [u]
     owner, label = keys // span, keys % span
     total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
-    order = np.lexsort((-votes, label == 0, owner))  # per Gaussian: instance ids first, most votes first
+    score = votes
+    if config.contrary_weight > 0:
+        score = votes - config.contrary_weight * _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, weight)
+    order = np.lexsort((-score, label == 0, owner))  # per Gaussian: instance ids first, best score first
     first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
     labels = np.zeros(t.num_gaussians, dtype=np.int64)
     best = np.zeros(t.num_gaussians)
@@ -697,3 +713,30 @@ def _gaussian_votes(
     labels[background], best[background] = 0, zero[background]
     confidence = np.divide(best, total, out=np.zeros_like(best), where=total > 0).astype(np.float32)
     return labels, confidence
+
+
+def _contrary_votes(
+    t: _TraceArrays, global_id: np.ndarray, owner: np.ndarray, label: np.ndarray, votes: np.ndarray,
+    entry_obs: np.ndarray, entry_id: np.ndarray, entry_weight: np.ndarray, block: int = 1 << 16,
+) -> np.ndarray:
+    """Votes [u] against each (Gaussian ``owner``, instance ``label``) pair: the Gaussian's votes for
+    other instances (ids > 0) in the views where ``label`` is present (held by a segment of the
+    view). Such a view kept the Gaussian's own segment apart from that instance's: within-view
+    merging compared the two and found them different. 0 for label 0."""
+    nonzero = entry_id > 0
+    obs_votes = np.bincount(entry_obs[nonzero], weights=entry_weight[nonzero], minlength=len(t.obs_view))  # [O]
+    nz = sp.csr_matrix((obs_votes, (t.obs_gaussian, t.obs_view)), shape=(t.num_gaussians, t.num_views))  # [N, L]
+    real = t.patch_local > 0
+    present = sp.csr_matrix(
+        (np.ones(int(real.sum())), (t.patch_view[real], global_id[real])), shape=(t.num_views, int(global_id.max()) + 1)
+    )
+    present.sum_duplicates()
+    present.data[:] = 1.0  # [L, G] several patches of one segment: still 1
+    against = np.zeros(len(owner))
+    for lo in range(0, t.num_gaussians, block):  # [block, G] at a time
+        rows = (owner >= lo) & (owner < lo + block) & (label > 0)
+        if not rows.any():
+            continue
+        reach = (nz[lo : lo + block] @ present).tocsr()  # [block, G] votes in the views where each id is present
+        against[rows] = np.asarray(reach[owner[rows] - lo, label[rows]]).ravel()
+    return np.maximum(against - votes * (label > 0), 0.0)
