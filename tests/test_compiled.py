@@ -326,3 +326,54 @@ def test_extra_channels_composited_only_at_requested_pixels_match_torch(grad_to_
     with pytest.raises(ValueError, match="extra_pixels"):
         rasterize_with_extra(*random_gaussians(30, seed=1), view[None], K[None], W, H,
                              extra_colors=torch.zeros(30, 2), backend="compiled", extra_pixels=wanted[0])
+
+
+class _Record(compiled._VisitRecord):
+    """`compiled.VISIT_RECORD` for tests: None records nothing; `learn=False` keeps the given size."""
+
+    def __init__(self, visits_per_pixel, learn=True):
+        super().__init__(visits_per_pixel or 0.0)
+        self.off, self.learn, self.tiles = visits_per_pixel is None, learn, []
+
+    def buffers(self, *args):
+        if self.off:
+            return compiled._NO_RECORD
+        out = super().buffers(*args)
+        self.tiles.append(out[0])
+        return out
+
+    def update(self, rec_used, num_pixels):
+        if self.learn:
+            super().update(rec_used, num_pixels)
+
+
+@pytest.mark.parametrize("grad_to_geometry", [False, True])
+def test_backward_from_the_recorded_visits_equals_recomputing_them(monkeypatch, grad_to_geometry):
+    """The forward records its visits (pixel, alpha, exp(-sigma)) for the backward; a record too
+    small leaves tiles unrecorded, whose backward recomputes the visits. All give the same bits as
+    recomputing everything, and the size learnt from one pass records every tile of the next."""
+    from trace3d_ns.rendering import rasterize_with_extra
+
+    view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
+    wanted = torch.rand(1, H, W, generator=torch.Generator().manual_seed(5)) < 0.1
+
+    def run(record):
+        monkeypatch.setattr(compiled, "VISIT_RECORD", record)
+        params = [p.requires_grad_(True) for p in random_gaussians(400, seed=21)]
+        feats = torch.randn(400, 5, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        rgb, alpha, meta, extra = rasterize_with_extra(
+            *params, view[None], K[None], W, H, extra_colors=feats, extra_grad_to_geometry=grad_to_geometry,
+            backend="compiled", extra_pixels=wanted, absgrad=True,
+        )
+        meta["means2d"].retain_grad()
+        (rgb.square().sum() + alpha.sum() + (extra ** 2).sum()).backward()
+        return [rgb, extra, meta["means2d"].grad, meta["means2d"].absgrad] + [p.grad for p in params] + [feats.grad]
+
+    reference = run(_Record(None))
+    tiny, learning = _Record(0.5, learn=False), _Record(0.5)
+    for record in (tiny, learning, learning):
+        for a, b in zip(run(record), reference):
+            assert torch.equal(a, b)
+    partial = tiny.tiles[0]
+    assert partial.any() and not partial.all()  # both paths ran in one backward
+    assert not learning.tiles[0].all() and learning.tiles[1].all()  # W x H fills every tile here

@@ -119,9 +119,49 @@ def _check_memory(num_bytes: int, num_gaussians: int, width: int, height: int, w
         )
 
 
+RECORD_BYTES_PER_VISIT = 10
+"""A recorded visit: tile pixel (uint16), alpha and exp(-sigma) (float32 each)."""
+RECORD_MAX_BYTES = 512 * 2**20
+"""Most memory one forward pass records visits into; tiles beyond it are recomputed in the backward."""
+
+
+class _VisitRecord:
+    """Sizes the forward's record of composited visits, which lets the backward skip the footprint,
+    sigma and exp of every visit (`cpu_kernels.backward_tiles`). Each worker thread writes its tiles
+    into a part of its own; a tile that does not fit is not recorded and its backward recomputes
+    the visits, so a record too small costs time, never correctness. The size follows the visits
+    per pixel of the previous pass (with a margin)."""
+
+    def __init__(self, visits_per_pixel: float = 32.0, margin: float = 1.25) -> None:
+        self.visits_per_pixel = visits_per_pixel
+        self.margin = margin
+
+    def buffers(self, num_tiles: int, num_entries: int, num_pixels: int, workers: int) -> tuple:
+        """(rec_tile, rec_start, rec_count, rec_pixel, rec_alpha, rec_vis, rec_used) for `composite_tiles`."""
+        per_worker = int(self.margin * self.visits_per_pixel * num_pixels / workers) + 256
+        per_worker = min(per_worker, RECORD_MAX_BYTES // (RECORD_BYTES_PER_VISIT * workers))
+        total = per_worker * workers
+        return (
+            np.zeros(num_tiles, np.bool_), np.empty(num_entries, np.int64), np.zeros(num_entries, np.int32),
+            np.empty(total, np.uint16), np.empty(total, np.float32), np.empty(total, np.float32),
+            np.zeros(workers, np.int64),
+        )
+
+    def update(self, rec_used: np.ndarray, num_pixels: int) -> None:
+        """Learn the size from a pass: the busiest worker's visits, as if every worker had as many."""
+        if rec_used.size and num_pixels > 0:
+            self.visits_per_pixel = float(rec_used.max()) * rec_used.size / num_pixels
+
+
+VISIT_RECORD = _VisitRecord()
+_NO_RECORD = (np.zeros(0, np.bool_), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint16),
+              np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+"""`composite_tiles`' record arguments when nothing is recorded."""
+
+
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse):
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse, record):
         kernels = load()
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         C = backgrounds.shape[0]
@@ -133,13 +173,18 @@ class _Composite(torch.autograd.Function):
         trans = np.empty(num_pixels, dtype=np.float64)
         last = np.empty(num_pixels, dtype=np.int32)
         i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        workers = _chunks()
+        record = record and any(ctx.needs_input_grad[:4])
+        rec = VISIT_RECORD.buffers(starts.shape[0] - 1, flat.shape[0], num_pixels, workers) if record else _NO_RECORD
         with _LOCK:
             kernels.composite_tiles(
                 kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
-                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, _chunks(), *sparse,
+                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, workers, *sparse, *rec,
             )
+        if record:
+            VISIT_RECORD.update(rec[-1], num_pixels)
         ctx.save_for_backward(means2d, conics, opacities, colors, backgrounds)
-        ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad, sparse)
+        ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad, sparse, rec[:-1])
         render = torch.from_numpy(out).to(colors.dtype).reshape(C, height, width, K)
         alpha = torch.from_numpy(1.0 - trans).to(colors.dtype).reshape(C, height, width, 1)
         return render, alpha
@@ -148,7 +193,7 @@ class _Composite(torch.autograd.Function):
     def backward(ctx, v_render, v_alpha):
         kernels = load()
         means2d, conics, opacities, colors, backgrounds = ctx.saved_tensors
-        arrays, bg, trans, last, layout, geometry, absgrad, sparse = ctx.state
+        arrays, bg, trans, last, layout, geometry, absgrad, sparse, rec = ctx.state
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         M, K = flat.shape[0], colors.shape[-1]
         E = kernels.ENTRY_GRADS
@@ -157,7 +202,7 @@ class _Composite(torch.autograd.Function):
             kernels.backward_tiles(
                 *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam, geometry,
                 trans, last, _np(v_render.reshape(-1, K), np.float32), _np(v_alpha.reshape(-1), np.float32),
-                v_entries, _chunks(), *sparse,
+                v_entries, _chunks(), *sparse, *rec,
             )
             # [CN, 8 + K] summed per Gaussian
             grads = torch.from_numpy(kernels.reduce_entries(flat, v_entries, means2d.shape[0], _chunks()))
@@ -169,7 +214,7 @@ class _Composite(torch.autograd.Function):
             grads[:, 2:5].to(conics.dtype),
             grads[:, 5].to(opacities.dtype),
             grads[:, E:].to(colors.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -187,13 +232,16 @@ def composite(
     geometry_channels: Optional[int] = None,  # channels whose gradients reach the geometry (default all)
     sparse_from: Optional[int] = None,  # channels from here on are composited only at `sparse_pixels`
     sparse_pixels: Optional[Tensor] = None,  # [C, H, W] bool
+    record_visits: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable front-to-back compositing: (render [C, H, W, K], alphas [C, H, W, 1]).
 
     Channels from `geometry_channels` on still get colour gradients, but their loss does not move
     means2d, conics or opacities (features lifted without moving the geometry). With
     `sparse_pixels`, channels from `sparse_from` on are composited only there and are 0 elsewhere
-    (a loss that reads a few pixels of them skips the work on the rest)."""
+    (a loss that reads a few pixels of them skips the work on the rest). `record_visits`: when a
+    gradient is needed, the forward records its visits for the backward (`_VisitRecord`); False
+    recomputes them (the reference the record is tested against)."""
     C, N, K = colors.shape
     tile_width = -(-width // tile_size)
     tiles_per_cam = tile_width * -(-height // tile_size)
@@ -211,7 +259,7 @@ def composite(
         sparse = (int(sparse_from), _np(sparse_pixels.reshape(-1), np.bool_))
     return _Composite.apply(
         means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
-        backgrounds, absgrad, geometry, layout, sparse,
+        backgrounds, absgrad, geometry, layout, sparse, record_visits,
     )
 
 
@@ -244,14 +292,17 @@ def _count_then_fill(
     counts = np.zeros(width * height if patch_map is None else flat.shape[0], np.int64)
     i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with _LOCK:
-        kernels.composite_tiles(count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS)
+        kernels.composite_tiles(
+            count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS, *_NO_RECORD
+        )
     total = int(counts.sum())
     _check_memory(total * 20, N, width, height, "the contribution list")
     offsets = np.cumsum(counts) - counts
     gids, index, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
     with _LOCK:
         kernels.composite_tiles(
-            fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks(), 0, _NO_PIXELS
+            fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks(), 0, _NO_PIXELS,
+            *_NO_RECORD,
         )
     return gids, index, weights
 

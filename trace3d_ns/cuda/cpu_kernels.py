@@ -150,18 +150,36 @@ def composite_tiles(
     workers,  # parallel workers (threads): each takes every workers-th tile
     sparse_from,  # channels [sparse_from, K) are composited only at `sparse_pixels` (render)
     sparse_pixels,  # [C * H * W] bool, or empty: those channels everywhere (render)
+    rec_tile,  # [T] bool out: the tile's visits are recorded (render), or empty: record nothing
+    rec_start,  # [M] int64 out: first recorded visit of each entry
+    rec_count,  # [M] int32 out: recorded visits of each entry
+    rec_pixel,  # [workers * capacity] uint16 out: pixel of the visit within its tile
+    rec_alpha,  # [workers * capacity] float32 out: its alpha
+    rec_vis,  # [workers * capacity] float32 out: its exp(-sigma)
+    rec_used,  # [workers] int64 out: visits each worker composited (recorded or not)
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
     dense = sparse_from if sparse_pixels.shape[0] > 0 else K  # channels composited at every pixel
     pixels_per_camera = width * height
-    for w in prange(workers):  # worker w takes tiles w, w + workers, ...: both halves of the image
-        for t in range(w, num_tiles, workers):
+    record = mode == MODE_RENDER and rec_tile.shape[0] > 0
+    capacity = rec_pixel.shape[0] // workers if record else 0
+    for worker in prange(workers):  # it takes tiles worker, worker + workers, ...: both halves of the image
+        pos = worker * capacity  # its part of the record: [worker * capacity, (worker + 1) * capacity)
+        end = pos + capacity
+        used = 0
+        for t in range(worker, num_tiles, workers):
             cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
             tw = x1 - x0
             npix = tw * (y1 - y0)
+            if record:
+                rec_tile[t] = False
+                for e in range(tile_starts[t], tile_starts[t + 1]):
+                    rec_count[e] = 0
             if npix <= 0:
                 continue
+            tile_pos = pos
+            keep = record  # the tile's visits still fit
             T = np.ones(npix, dtype=np.float64)
             done = np.zeros(npix, dtype=np.bool_)
             acc = np.zeros((npix, K if mode == MODE_RENDER else 0), dtype=np.float32)
@@ -184,6 +202,8 @@ def composite_tiles(
                     continue
                 ry0, ry1 = _rows(my, fp[0], y0, y1)
                 n_patches = 0
+                if keep:
+                    rec_start[e] = pos
                 for y in range(ry0, ry1):
                     chord[y - y0, 0], chord[y - y0, 1] = _columns(mx, my, b, fp, y, x0, x1)
                 for y in range(ry0, ry1):
@@ -210,6 +230,15 @@ def composite_tiles(
                                 for k in range(dense, K):
                                     acc[i, k] += np.float32(w) * colors[g, k]
                             last[i] = e
+                            if keep:
+                                if pos < end:
+                                    rec_pixel[pos] = i
+                                    rec_alpha[pos] = alpha
+                                    rec_vis[pos] = vis
+                                    pos += 1
+                                else:
+                                    keep = False
+                            used += 1
                         elif mode == MODE_COUNT_PAIRS:
                             counts[pid] += 1
                         elif mode == MODE_FILL_PAIRS:
@@ -229,6 +258,8 @@ def composite_tiles(
                                 n_patches += 1
                             patch_w[j] += w
                         T[i] = next_t
+                if keep:
+                    rec_count[e] = pos - rec_start[e]
                 if mode == MODE_COUNT_PATCHES:
                     counts[e] = n_patches
                 elif mode == MODE_FILL_PATCHES:
@@ -237,6 +268,10 @@ def composite_tiles(
                         out_gaussian[p] = g % num_gaussians
                         out_index[p] = patch_ids[j]
                         out_weight[p] = patch_w[j]
+            if record:
+                rec_tile[t] = keep
+                if not keep:  # the next tiles may fit in the space this one did not
+                    pos = tile_pos
             if mode == MODE_RENDER:
                 for y in range(y0, y1):
                     for x in range(x0, x1):
@@ -246,6 +281,46 @@ def composite_tiles(
                             out_colors[pid, k] = acc[i, k] + np.float32(T[i]) * backgrounds[cam, k]
                         out_transmittance[pid] = T[i]
                         out_last[pid] = last[i]
+        if record:
+            rec_used[worker] = used
+
+
+@njit(cache=True, inline="always")
+def _visit_grads(
+    i, g, dx, dy, alpha, vis, a, b, c, o, colors, G, K, T, t_v, v_out, behind, extra, v_entry,
+    gm0, gm1, gc0, gc1, gc2, go, ga0, ga1,
+):
+    """One (Gaussian g, tile pixel i) visit of `backward_tiles`, back to front: un-composites the
+    pixel's T, adds the colour gradient to `v_entry` and returns the entry's geometry sums
+    (d means2d, d conics, d opacity, absgrad) with this visit's share added."""
+    ra = 1.0 / (1.0 - alpha)
+    t_before = T[i] * ra
+    w = alpha * t_before
+    v_alpha = t_v[i] * ra
+    for k in range(G):
+        v = v_out[i, k]
+        col = colors[g, k]
+        v_alpha += (col * t_before - behind[i, k] * ra) * v
+        behind[i, k] += col * w
+    for k in range(G):
+        v_entry[k] += w * v_out[i, k]
+    if extra[i]:  # e.g. features whose loss samples a few pixels: the rest add 0
+        for k in range(G, K):
+            v_entry[k] += w * v_out[i, k]
+    T[i] = t_before
+    if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
+        v_sigma = -o * vis * v_alpha
+        gc0 += 0.5 * v_sigma * dx * dx
+        gc1 += v_sigma * dx * dy
+        gc2 += 0.5 * v_sigma * dy * dy
+        vx = v_sigma * (a * dx + b * dy)
+        vy = v_sigma * (b * dx + c * dy)
+        gm0 += vx
+        gm1 += vy
+        ga0 += abs(vx)
+        ga1 += abs(vy)
+        go += vis * v_alpha
+    return gm0, gm1, gc0, gc1, gc2, go, ga0, ga1
 
 
 @njit(parallel=True, cache=True)
@@ -272,6 +347,12 @@ def backward_tiles(
     workers,  # parallel workers (threads): each takes every workers-th tile
     sparse_from,  # channels [sparse_from, K) were composited only at `sparse_pixels`
     sparse_pixels,  # [C * H * W] bool, or empty: everywhere
+    rec_tile,  # [T] bool: `composite_tiles` recorded the tile's visits, or empty: none recorded
+    rec_start,  # [M] int64
+    rec_count,  # [M] int32
+    rec_pixel,  # [R] uint16
+    rec_alpha,  # [R] float32
+    rec_vis,  # [R] float32
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
@@ -285,6 +366,7 @@ def backward_tiles(
                 continue
             pix_base = cam * pixels_per_camera
             G = geometry_channels
+            recorded = rec_tile.shape[0] > 0 and rec_tile[t]
             # per-pixel state, local to the tile
             T = np.empty(npix, dtype=np.float64)  # T in front of the Gaussian being visited
             t_v = np.empty(npix, dtype=np.float64)  # T_final (dL/d alpha_out - background . dL/d colour)
@@ -325,7 +407,6 @@ def backward_tiles(
                 if fp[0] < 0.0:
                     v_entries[e, :] = 0.0
                     continue
-                ry0, ry1 = _rows(my, fp[0], y0, y1)
                 gm0 = 0.0
                 gm1 = 0.0
                 ga0 = 0.0
@@ -335,46 +416,36 @@ def backward_tiles(
                 gc2 = 0.0
                 go = 0.0
                 v_entry[:] = 0.0
-                for y in range(ry0, ry1):
-                    chord[y - y0, 0], chord[y - y0, 1] = _columns(mx, my, b, fp, y, x0, x1)
-                for y in range(ry0, ry1):
-                    cx0 = chord[y - y0, 0]
-                    cx1 = chord[y - y0, 1]
-                    row = (y - y0) * tw - x0
-                    for x in range(cx0, cx1):
-                        i = row + x
-                        if e > last_local[i]:
-                            continue
-                        dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
-                        if sigma < 0.0 or alpha < _ALPHA_MIN:
-                            continue
-                        ra = 1.0 / (1.0 - alpha)
-                        t_before = T[i] * ra
-                        w = alpha * t_before
-                        v_alpha = t_v[i] * ra
-                        for k in range(G):
-                            v = v_out[i, k]
-                            col = colors[g, k]
-                            v_alpha += (col * t_before - behind[i, k] * ra) * v
-                            behind[i, k] += col * w
-                        for k in range(G):
-                            v_entry[k] += w * v_out[i, k]
-                        if extra[i]:  # e.g. features whose loss samples a few pixels: the rest add 0
-                            for k in range(G, K):
-                                v_entry[k] += w * v_out[i, k]
-                        T[i] = t_before
-                        if o * vis <= _ALPHA_MAX:  # alpha not clamped: gradients reach sigma and opacity
-                            v_sigma = -o * vis * v_alpha
-                            gc0 += 0.5 * v_sigma * dx * dx
-                            gc1 += v_sigma * dx * dy
-                            gc2 += 0.5 * v_sigma * dy * dy
-                            vx = v_sigma * (a * dx + b * dy)
-                            vy = v_sigma * (b * dx + c * dy)
-                            gm0 += vx
-                            gm1 += vy
-                            ga0 += abs(vx)
-                            ga1 += abs(vy)
-                            go += vis * v_alpha
+                if recorded:  # the forward's visits of this entry: no footprint, sigma or exp again
+                    for j in range(rec_start[e], rec_start[e] + rec_count[e]):
+                        i = np.int64(rec_pixel[j])
+                        y = y0 + i // tw
+                        x = x0 + i - (y - y0) * tw
+                        dx = mx - (np.float32(x) + _HALF)
+                        dy = my - (np.float32(y) + _HALF)
+                        gm0, gm1, gc0, gc1, gc2, go, ga0, ga1 = _visit_grads(
+                            i, g, dx, dy, rec_alpha[j], rec_vis[j], a, b, c, o, colors, G, K, T, t_v, v_out, behind,
+                            extra, v_entry, gm0, gm1, gc0, gc1, gc2, go, ga0, ga1,
+                        )
+                else:
+                    ry0, ry1 = _rows(my, fp[0], y0, y1)
+                    for y in range(ry0, ry1):
+                        chord[y - y0, 0], chord[y - y0, 1] = _columns(mx, my, b, fp, y, x0, x1)
+                    for y in range(ry0, ry1):
+                        cx0 = chord[y - y0, 0]
+                        cx1 = chord[y - y0, 1]
+                        row = (y - y0) * tw - x0
+                        for x in range(cx0, cx1):
+                            i = row + x
+                            if e > last_local[i]:
+                                continue
+                            dx, dy, sigma, vis, alpha = _alpha(mx, my, a, b, c, o, x, y)
+                            if sigma < 0.0 or alpha < _ALPHA_MIN:
+                                continue
+                            gm0, gm1, gc0, gc1, gc2, go, ga0, ga1 = _visit_grads(
+                                i, g, dx, dy, alpha, vis, a, b, c, o, colors, G, K, T, t_v, v_out, behind,
+                                extra, v_entry, gm0, gm1, gc0, gc1, gc2, go, ga0, ga1,
+                            )
                 row_out = v_entries[e]
                 row_out[0] = gm0
                 row_out[1] = gm1
