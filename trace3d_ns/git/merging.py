@@ -57,7 +57,14 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   Gaussian's votes (default a half: a Gaussian drawn mostly where no mask is stays background even
   when a neighbour's mask spills onto it in a view); otherwise the instance id with the most votes
   wins, so a Gaussian some views leave unmasked keeps the id the others give it. Its confidence is
-  the winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere). With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
+  the winner's share of all votes, those for 0 included (0 for Gaussians seen nowhere).
+  **Contrary votes** (``contrary_weight``): an instance id ranks by its votes minus
+  ``contrary_weight`` times the Gaussian's votes for *other* instances in the views where that id
+  is present. Such a view holds the id in a segment of its own and draws the Gaussian in another
+  one: its within-view merging compared the two and kept them apart. Without it, a small object
+  that SAM merges with a large neighbour in a few views loses the vote to the neighbour's id
+  whenever its own segments do not link into one instance across views (parts seen from different
+  sides, partial masks), since each of its ids then gets the votes of a few views only. With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
   weighted by its purity under the first vote's labels (patch 0's weight stays 1).
 - **Each view's partition** (``view_partition="segments"``): the maps train the features with a
   contrastive loss over the pixels of one view, so what a view's map must get right is which of its
