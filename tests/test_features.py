@@ -90,6 +90,31 @@ def test_sampling_adds_unlabelled_pixels_after_the_labelled_ones():
     assert sample_labelled_pixels(labels, 100, num_unlabelled=1000).numel() == 100
 
 
+def test_balanced_sampling_gives_every_instance_its_share():
+    labels = torch.zeros(100, 100, dtype=torch.int32)
+    labels[:60] = 5  # 6000 pixels
+    labels[60:90, :50] = 2  # 1500
+    labels[95:, :4] = 9  # 20: a thin object
+    flat = labels.reshape(-1)
+    for seed in range(3):
+        picked = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(seed), num_unlabelled=10, balanced=True)
+        assert picked.numel() == 310 and picked.unique().numel() == 310
+        counts = torch.bincount(flat[picked[:300]].long(), minlength=10)
+        assert counts[9] == 20 and counts[5] == counts[2] == 140  # the thin object whole, the rest split evenly
+        assert (flat[picked[300:]] == 0).all()
+    uniform = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(0))
+    assert torch.bincount(flat[uniform].long(), minlength=10)[9] < 10  # ~0.8 expected
+    a = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(4), balanced=True)
+    b = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(5), balanced=True)
+    assert not torch.equal(a.sort().values, b.sort().values)  # random within each instance
+    small = torch.zeros(4, 4, dtype=torch.int32)
+    small[0, :2], small[1, :] = 1, 2
+    small[2, :], small[3, 0] = 3, 3  # 2, 4 and 5 pixels, budget 9: quota 3 (2 + 3 + 3), one more at random
+    picked = sample_labelled_pixels(small, 9, torch.Generator().manual_seed(0), balanced=True)
+    counts = torch.bincount(small.reshape(-1)[picked].long(), minlength=4).tolist()
+    assert picked.unique().numel() == 9 and counts[1] == 2 and sorted(counts[2:]) == [3, 4]
+
+
 @pytest.mark.parametrize("loss_fn", [contrastive_loss, contrastive_loss_reference])
 def test_unlabelled_pixels_are_negatives_only(loss_fn):
     """A label-0 pixel is never a positive nor an anchor: far from everything it changes nothing,
