@@ -163,6 +163,18 @@ def test_features_render_train_and_leave_geometry_alone():
     assert model.means.grad is None or model.means.grad.abs().sum() == 0  # detached geometry by default
 
 
+def test_model_samples_balanced_when_configured():
+    model, _ = _trained_model()
+    labels = torch.zeros(60, 80, dtype=torch.int32)
+    labels[:, :70], labels[10:30, 74:76] = 1, 2  # a large object and a thin one of 40 pixels
+    model.config.contrastive_samples, model.config.contrastive_unlabelled_samples = 100, 0
+    thin = lambda picked: int((labels.reshape(-1)[picked] == 2).sum())  # noqa: E731
+    torch.manual_seed(0)
+    assert thin(model._pick_contrastive_pixels(labels)) < 10  # uniform: about 1 expected
+    model.config.contrastive_balanced = True
+    assert thin(model._pick_contrastive_pixels(labels)) == 40
+
+
 @pytest.mark.parametrize("backend", ["torch", "compiled"])
 def test_planned_contrastive_pixels_give_the_unplanned_loss_and_gradients(backend):
     """A planned step (the pipeline hands the batch over before the render) composites the features
