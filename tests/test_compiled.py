@@ -377,3 +377,12 @@ def test_backward_from_the_recorded_visits_equals_recomputing_them(monkeypatch, 
     partial = tiny.tiles[0]
     assert partial.any() and not partial.all()  # both paths ran in one backward
     assert not learning.tiles[0].all() and learning.tiles[1].all()  # W x H fills every tile here
+
+
+def test_visit_record_takes_at_most_a_quarter_of_the_free_memory(monkeypatch):
+    record = compiled._VisitRecord(visits_per_pixel=50.0)
+    monkeypatch.setattr(compiled, "_available_bytes", lambda: 400_000)
+    buffers = record.buffers(12, 1000, 64 * 48, 2)
+    assert buffers[3].nbytes + buffers[4].nbytes + buffers[5].nbytes <= 100_000
+    monkeypatch.setattr(compiled, "_available_bytes", lambda: None)  # the OS does not say: the fixed cap
+    assert record.buffers(12, 1000, 64 * 48, 2)[3].shape[0] == 2 * int(1.25 * 50 * 64 * 48 / 2) + 2 * 256

@@ -105,11 +105,18 @@ def _tile_starts(isect: TileIntersections) -> np.ndarray:
     return np.append(_np(starts, np.int64), np.int64(isect.flatten_ids.numel()))
 
 
+def _available_bytes() -> Optional[int]:
+    """Memory available now, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _check_memory(num_bytes: int, num_gaussians: int, width: int, height: int, what: str) -> None:
     """MemoryError with the scene's size when `num_bytes` exceed the memory available now."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    available = _available_bytes()
+    if available is None:
         return
     if num_bytes > available:
         raise MemoryError(
@@ -122,7 +129,8 @@ def _check_memory(num_bytes: int, num_gaussians: int, width: int, height: int, w
 RECORD_BYTES_PER_VISIT = 10
 """A recorded visit: tile pixel (uint16), alpha and exp(-sigma) (float32 each)."""
 RECORD_MAX_BYTES = 512 * 2**20
-"""Most memory one forward pass records visits into; tiles beyond it are recomputed in the backward."""
+"""Most memory one forward pass records visits into (and at most a quarter of the memory available);
+tiles beyond it are recomputed in the backward."""
 
 
 class _VisitRecord:
@@ -139,7 +147,11 @@ class _VisitRecord:
     def buffers(self, num_tiles: int, num_entries: int, num_pixels: int, workers: int) -> tuple:
         """(rec_tile, rec_start, rec_count, rec_pixel, rec_alpha, rec_vis, rec_used) for `composite_tiles`."""
         per_worker = int(self.margin * self.visits_per_pixel * num_pixels / workers) + 256
-        per_worker = min(per_worker, RECORD_MAX_BYTES // (RECORD_BYTES_PER_VISIT * workers))
+        limit = RECORD_MAX_BYTES
+        available = _available_bytes()
+        if available is not None:
+            limit = min(limit, available // 4)  # the record is an optimisation: never what runs out of memory
+        per_worker = min(per_worker, limit // (RECORD_BYTES_PER_VISIT * workers))
         total = per_worker * workers
         return (
             np.zeros(num_tiles, np.bool_), np.empty(num_entries, np.int64), np.zeros(num_entries, np.int32),
