@@ -175,21 +175,20 @@ class MergeConfig:
     cost instead: per-view IoU 0.886/0.866/0.885 with ids, 0.869/0.836/0.882 with segments; there, the
     segments sharing an id were ones the view's merging had compared and kept apart (similarity <= the
     threshold), mostly parts of one object that the ids joined."""
-    contrary_weight: float = 0.0
+    contrary_weight: float = 0.5
     """The per-Gaussian vote also counts votes against: an instance id's score is the Gaussian's votes for
     it minus this times its votes for other instances in the views where that id is present (see
     :func:`_contrary_votes` and the module docstring; 0: votes for only). Measured at 0.5 (chosen
-    before training), on the cluttered ablation scenes (3 seeds): the Gaussians' labels agree more with
+    before training) on the cluttered ablation scenes (3 seeds): the Gaussians' labels agree more with
     the true objects (perfect geometry, ``python -m trace3d_ns.git.consistency --stride 2``: label
     purity 0.960 -> 0.972, refined maps' mean best-match IoU 0.585 -> 0.613; on the traces of the
-    trained ``full`` runs 0.792 -> 0.815, views where one id covers two objects 181 -> 159), and the
-    ``full`` variant continued from the same RGB stages selects better by instance id (amodal object
-    IoU 0.752 -> 0.785, novel-view mIoU 0.728 -> 0.760) but not by feature, the default (0.805 ->
-    0.793; traced 0.831 -> 0.824): the objects it relabels (a rod leaning on a box, a box beside one of
-    the same texture) are the ones feature selection still over-selects. On sparser scenes (192 px, 5
-    objects, perfect geometry) mean best-match IoU 0.857 -> 0.848: an object whose masks split it
-    into parts in many views loses Gaussians to a part's id. Off by default until features follow
-    the labels (docs/benchmarks/pilot/README.md)."""
+    trained ``full`` runs 0.792 -> 0.815, views where one id covers two objects 181 -> 159). The
+    ``full`` variant continued from the same RGB stages: instance selection amodal object IoU 0.752 ->
+    0.785 and novel-view mIoU 0.728 -> 0.760 (a repeat of weight 0 with another random path: 0.753 /
+    0.728); feature selection 0.805 -> 0.793, as the repeat (0.793): within run-to-run noise. On
+    sparser scenes (192 px, 5 objects, perfect geometry) label purity rises too (0.994 mean) but the
+    maps' mean best-match IoU falls 0.857 -> 0.848: a cone whose masks split it into parts in 7 of 19
+    views loses 30% of its Gaussians to a part's id (docs/benchmarks/pilot/README.md)."""
     unmasked_min_share: float = 0.5
     """A Gaussian is labelled 0 (no instance) when patch 0 holds at least this share of its votes, else
     it takes the instance id with the most votes (> 1: only when no view puts it in a mask). Patch 0
