@@ -78,8 +78,9 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     pixels gets about 4 uniformly). Measured on the cluttered ablation scenes (``full`` continued from
     the same RGB stages, 3 seeds): amodal object IoU 0.805 -> 0.784 with feature selection, novel-view
     mIoU 0.817 -> 0.751; some thin or small objects gain (0.231 -> 0.364, 0.477 -> 0.621), others lose
-    more (0.689 -> 0.237): the large objects' features, sampled less, separate less well. Off by
-    default (docs/benchmarks/pilot/README.md)."""
+    more (0.689 -> 0.237): the large objects' features, sampled less, separate less well. A repeat of
+    uniform sampling on another random path gave 0.793 / 0.791. Off by default
+    (docs/benchmarks/pilot/README.md)."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
