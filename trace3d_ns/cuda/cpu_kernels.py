@@ -16,7 +16,9 @@ before a row's pixels (10% of the forward). Per (Gaussian, pixel):
 fills the (Gaussian, pixel, alpha T) pairs, or counts / fills the per-(tile entry, patch) sums
 that Gaussian Instance Tracing needs. `backward_tiles` walks back to front as gsplat's backward
 kernel does and writes gradients per tile entry (each entry belongs to one tile: no races), which
-the caller reduces per Gaussian.
+the caller reduces per Gaussian. In render mode the forward can record every composited visit
+(tile pixel, alpha, exp(-sigma)) so that the backward walks those instead of recomputing chords,
+sigma and exp; a tile that did not fit in its worker's part of the record is recomputed.
 
 Layout: the C cameras' tiles are numbered c * tiles_per_camera + ty * tile_width + tx, and the
 per-camera arrays are flattened over (camera, Gaussian), so `flatten_ids` index them directly.
