@@ -173,7 +173,7 @@ _NO_RECORD = (np.zeros(0, np.bool_), np.zeros(0, np.int64), np.zeros(0, np.int32
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse, record):
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse):
         kernels = load()
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         C = backgrounds.shape[0]
@@ -186,7 +186,7 @@ class _Composite(torch.autograd.Function):
         last = np.empty(num_pixels, dtype=np.int32)
         i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
         workers = _chunks()
-        record = record and any(ctx.needs_input_grad[:4])
+        record = any(ctx.needs_input_grad[:4])  # only a backward reads the record
         rec = VISIT_RECORD.buffers(starts.shape[0] - 1, flat.shape[0], num_pixels, workers) if record else _NO_RECORD
         with _LOCK:
             kernels.composite_tiles(
@@ -226,7 +226,7 @@ class _Composite(torch.autograd.Function):
             grads[:, 2:5].to(conics.dtype),
             grads[:, 5].to(opacities.dtype),
             grads[:, E:].to(colors.dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -244,16 +244,14 @@ def composite(
     geometry_channels: Optional[int] = None,  # channels whose gradients reach the geometry (default all)
     sparse_from: Optional[int] = None,  # channels from here on are composited only at `sparse_pixels`
     sparse_pixels: Optional[Tensor] = None,  # [C, H, W] bool
-    record_visits: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable front-to-back compositing: (render [C, H, W, K], alphas [C, H, W, 1]).
 
     Channels from `geometry_channels` on still get colour gradients, but their loss does not move
     means2d, conics or opacities (features lifted without moving the geometry). With
     `sparse_pixels`, channels from `sparse_from` on are composited only there and are 0 elsewhere
-    (a loss that reads a few pixels of them skips the work on the rest). `record_visits`: when a
-    gradient is needed, the forward records its visits for the backward (`_VisitRecord`); False
-    recomputes them (the reference the record is tested against)."""
+    (a loss that reads a few pixels of them skips the work on the rest). When a gradient is needed,
+    the forward records its visits for the backward (`VISIT_RECORD`)."""
     C, N, K = colors.shape
     tile_width = -(-width // tile_size)
     tiles_per_cam = tile_width * -(-height // tile_size)
@@ -271,7 +269,7 @@ def composite(
         sparse = (int(sparse_from), _np(sparse_pixels.reshape(-1), np.bool_))
     return _Composite.apply(
         means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
-        backgrounds, absgrad, geometry, layout, sparse, record_visits,
+        backgrounds, absgrad, geometry, layout, sparse,
     )
 
 

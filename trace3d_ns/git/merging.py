@@ -64,8 +64,9 @@ Definitions (all thresholds are :class:`MergeConfig` fields):
   one: its within-view merging compared the two and kept them apart. Without it, a small object
   that SAM merges with a large neighbour in a few views loses the vote to the neighbour's id
   whenever its own segments do not link into one instance across views (parts seen from different
-  sides, partial masks), since each of its ids then gets the votes of a few views only. With ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes
-  weighted by its purity under the first vote's labels (patch 0's weight stays 1).
+  sides, partial masks), since each of its ids then gets the votes of a few views only. With
+  ``purity_weighted_vote`` the Gaussians then vote again, every patch's votes weighted by its purity
+  under the first vote's labels (patch 0's weight stays 1).
 - **Each view's partition** (``view_partition="segments"``): the maps train the features with a
   contrastive loss over the pixels of one view, so what a view's map must get right is which of its
   pixels belong together. Every within-view segment stays one region there, under its heaviest
@@ -712,7 +713,8 @@ def _gaussian_votes(
     total = np.bincount(owner, weights=votes, minlength=t.num_gaussians)  # [N]
     score = votes
     if config.contrary_weight > 0:
-        score = votes - config.contrary_weight * _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, weight)
+        against = _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, weight)  # [u]
+        score = votes - config.contrary_weight * against
     order = np.lexsort((-score, label == 0, owner))  # per Gaussian: instance ids first, best score first
     first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
     labels = np.zeros(t.num_gaussians, dtype=np.int64)
@@ -743,9 +745,10 @@ def _contrary_votes(
     present.sum_duplicates()
     present.data[:] = 1.0  # [L, G] several patches of one segment: still 1
     against = np.zeros(len(owner))
-    for lo in range(0, t.num_gaussians, block):  # [block, G] at a time
-        rows = (owner >= lo) & (owner < lo + block) & (label > 0)
-        if not rows.any():
+    for lo in range(0, t.num_gaussians, block):  # [block, G] at a time; owner is sorted
+        first, last = np.searchsorted(owner, [lo, lo + block])
+        rows = first + np.flatnonzero(label[first:last] > 0)
+        if rows.size == 0:
             continue
         reach = (nz[lo : lo + block] @ present).tocsr()  # [block, G] votes in the views where each id is present
         against[rows] = np.asarray(reach[owner[rows] - lo, label[rows]]).ravel()
