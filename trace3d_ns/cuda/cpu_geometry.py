@@ -169,7 +169,7 @@ def project_backward(
         cov = np.empty((2, 2))
         vcov = np.empty((2, 2))
         vSc = np.empty((3, 3))
-        vJ = np.empty((2, 3))
+        W = np.empty((3, 3))
         vS = np.empty((3, 3))  # dL / d world covariance
         vM = np.empty((3, 3))
         v_s = np.empty(3)
@@ -196,17 +196,13 @@ def project_backward(
                 rx, ry = tx / tz, ty / tz
                 u = min(max(rx, lo_x), hi_x)
                 v = min(max(ry, lo_y), hi_y)
-                J[:] = 0.0
-                J[0, 0], J[0, 2], J[1, 1], J[1, 2] = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
-                for i in range(2):
-                    for j in range(2):
-                        s = 0.0
-                        for k in range(3):
-                            for l in range(3):
-                                s += J[i, k] * Sc[k, l] * J[j, l]
-                        cov[i, j] = s
-                a0, c0 = cov[0, 0], cov[1, 1]
-                b = 0.5 * (cov[0, 1] + cov[1, 0])
+                j00, j02, j11, j12 = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
+                # cov = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]]
+                a0 = j00 * (j00 * Sc[0, 0] + j02 * Sc[2, 0]) + j02 * (j00 * Sc[0, 2] + j02 * Sc[2, 2])
+                b01 = j00 * (j11 * Sc[0, 1] + j12 * Sc[0, 2]) + j02 * (j11 * Sc[2, 1] + j12 * Sc[2, 2])
+                b10 = j11 * (j00 * Sc[1, 0] + j02 * Sc[1, 2]) + j12 * (j00 * Sc[2, 0] + j02 * Sc[2, 2])
+                c0 = j11 * (j11 * Sc[1, 1] + j12 * Sc[2, 1]) + j12 * (j11 * Sc[1, 2] + j12 * Sc[2, 2])
+                b = 0.5 * (b01 + b10)
                 det_orig = a0 * c0 - b * b
                 a, c = a0 + eps2d, c0 + eps2d
                 det_blur = a * c - b * b
@@ -235,37 +231,32 @@ def project_backward(
                         va += v_det2 * c
                         vc += v_det2 * a
                         vb += v_det2 * (-2.0 * b)
-                vcov[0, 0], vcov[0, 1], vcov[1, 0], vcov[1, 1] = va, 0.5 * vb, 0.5 * vb, vc
-                # cov = J Sc J^T: v_Sc = J^T vcov J, v_J = 2 vcov J Sc (vcov, Sc symmetric)
+                vb2 = 0.5 * vb  # vcov = [[va, vb2], [vb2, vc]]
+                # P = vcov J [2, 3]
+                p00, p01, p02 = va * j00, vb2 * j11, va * j02 + vb2 * j12
+                p10, p11, p12 = vb2 * j00, vc * j11, vb2 * j02 + vc * j12
+                # cov = J Sc J^T: v_Sc = J^T P, v_J = 2 P Sc (vcov, Sc symmetric)
+                vSc[0, 0], vSc[0, 1], vSc[0, 2] = j00 * p00, j00 * p01, j00 * p02
+                vSc[1, 0], vSc[1, 1], vSc[1, 2] = j11 * p10, j11 * p11, j11 * p12
+                vSc[2, 0], vSc[2, 1], vSc[2, 2] = j02 * p00 + j12 * p10, j02 * p01 + j12 * p11, j02 * p02 + j12 * p12
+                vJ00 = 2.0 * (p00 * Sc[0, 0] + p01 * Sc[1, 0] + p02 * Sc[2, 0])
+                vJ02 = 2.0 * (p00 * Sc[0, 2] + p01 * Sc[1, 2] + p02 * Sc[2, 2])
+                vJ11 = 2.0 * (p10 * Sc[0, 1] + p11 * Sc[1, 1] + p12 * Sc[2, 1])
+                vJ12 = 2.0 * (p10 * Sc[0, 2] + p11 * Sc[1, 2] + p12 * Sc[2, 2])
+                # Sc = V S V^T: v_S += V^T vSc V, as V^T (vSc V)
                 for k in range(3):
-                    for l in range(3):
-                        s = 0.0
-                        for i in range(2):
-                            for j in range(2):
-                                s += J[i, k] * vcov[i, j] * J[j, l]
-                        vSc[k, l] = s
-                for i in range(2):
-                    for k in range(3):
-                        s = 0.0
-                        for j in range(2):
-                            for l in range(3):
-                                s += vcov[i, j] * J[j, l] * Sc[l, k]
-                        vJ[i, k] = 2.0 * s
-                # Sc = V S V^T: v_S += V^T vSc V
+                    for j in range(3):
+                        W[k, j] = vSc[k, 0] * V[0, j] + vSc[k, 1] * V[1, j] + vSc[k, 2] * V[2, j]
                 for i in range(3):
                     for j in range(3):
-                        s = 0.0
-                        for k in range(3):
-                            for l in range(3):
-                                s += V[k, i] * vSc[k, l] * V[l, j]
-                        vS[i, j] += s
+                        vS[i, j] += V[0, i] * W[0, j] + V[1, i] * W[1, j] + V[2, i] * W[2, j]
                 # J(tz, u, v), u = clamp(tx / tz), v = clamp(ty / tz)
                 vtx = v_means2d[cam, n, 0] * fx / tz
                 vty = v_means2d[cam, n, 1] * fy / tz
                 vtz = -(v_means2d[cam, n, 0] * fx * tx + v_means2d[cam, n, 1] * fy * ty) / (tz * tz) + v_depths[cam, n]
-                vtz += (-vJ[0, 0] * fx - vJ[1, 1] * fy + vJ[0, 2] * fx * u + vJ[1, 2] * fy * v) / (tz * tz)
-                vu = -vJ[0, 2] * fx / tz
-                vv = -vJ[1, 2] * fy / tz
+                vtz += (-vJ00 * fx - vJ11 * fy + vJ02 * fx * u + vJ12 * fy * v) / (tz * tz)
+                vu = -vJ02 * fx / tz
+                vv = -vJ12 * fy / tz
                 if rx >= lo_x and rx <= hi_x:
                     vtx += vu / tz
                     vtz -= vu * tx / (tz * tz)

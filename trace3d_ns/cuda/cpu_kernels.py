@@ -202,6 +202,9 @@ def composite_tiles(
                 fp = footprint[g]
                 if fp[0] < 0.0:
                     continue
+                c0 = c1 = c2 = np.float32(0.0)
+                if mode == MODE_RENDER and dense == 3:
+                    c0, c1, c2 = colors[g, 0], colors[g, 1], colors[g, 2]
                 ry0, ry1 = _rows(my, fp[0], y0, y1)
                 n_patches = 0
                 if keep:
@@ -226,11 +229,17 @@ def composite_tiles(
                         w = alpha * T[i]
                         pid = pix_base + y * width + x
                         if mode == MODE_RENDER:
-                            for k in range(dense):
-                                acc[i, k] += np.float32(w) * colors[g, k]
+                            wf = np.float32(w)
+                            if dense == 3:  # RGB: the colour stays in registers
+                                acc[i, 0] += wf * c0
+                                acc[i, 1] += wf * c1
+                                acc[i, 2] += wf * c2
+                            else:
+                                for k in range(dense):
+                                    acc[i, k] += wf * colors[g, k]
                             if dense < K and sparse_pixels[pid]:
                                 for k in range(dense, K):
-                                    acc[i, k] += np.float32(w) * colors[g, k]
+                                    acc[i, k] += wf * colors[g, k]
                             last[i] = e
                             if keep:
                                 if pos < end:
