@@ -132,7 +132,8 @@ def _run(variant: str, iou: float, psnr: float = 25.0) -> dict:
     sel = {"object_iou_amodal": iou, "object_biou": iou / 2, "novel_view_miou": iou + 0.1, "test_psnr": psnr,
            "object_iou": iou - 0.1}
     return {"variant": VARIANTS[variant].__dict__, "selection": {"feature": sel, "instance": dict(sel, object_biou=None)},
-            "num_gaussians": 1000, "ambiguous_fraction_gt": 0.0125, "ambiguous_fraction_consistent": 0.01}
+            "num_gaussians": 1000, "ambiguous_fraction_gt": 0.0125, "ambiguous_fraction_consistent": 0.01,
+            "oracle": {"object_iou_amodal": iou + 0.05, "object_biou": iou / 2 + 0.05, "per_object": {}}}
 
 
 RUNS = {
@@ -148,6 +149,8 @@ def test_summary_mean_std_and_per_seed_values():
     assert iou["values"] == {"0": 0.7, "1": 0.9, "2": 0.8}
     assert set(HEADLINE) <= set(s["full"])
     assert s["full"]["object_biou_instance"] == {"mean": None, "std": None, "values": {"0": None, "1": None, "2": None}}
+    assert s["full"]["object_iou_amodal_oracle"]["mean"] == pytest.approx(0.85)
+    assert summary({"full": {"0": {**_run("full", 0.4), "oracle": {}}}})["full"]["object_iou_amodal_oracle"]["mean"] is None
     d = deltas(RUNS, "no_git")
     assert set(d) == {"full"}
     assert d["full"]["object_iou_amodal"]["values"] == pytest.approx({"0": 0.2, "1": 0.3, "2": 0.1})
@@ -162,7 +165,7 @@ def test_report_tables_and_pictures():
     rows = ablation_table(result)
     assert len(rows) == 2 + 2
     assert rows[2].startswith("| `no_git` | - | - | - | 0.600 ± 0.100 | 0.300 ± 0.050 | 0.700 ± 0.100 | 25.00 ± 0.00 |")
-    assert rows[3].startswith("| `full` | yes | yes | yes | 0.800 ± 0.100 |") and rows[3].endswith("| 1.25 ± 0.00 |")
+    assert rows[3].startswith("| `full` | yes | yes | yes | 0.800 ± 0.100 |") and rows[3].endswith("| 0.850 ± 0.100 | 1000 ± 0 | 1.25 ± 0.00 |")
     result["delta_vs_no_git"] = deltas(RUNS, "no_git")
     assert ablation_delta_table(result)[2].startswith("| `full` | 0.200 ± 0.100 |")
     seeds = ablation_seed_table(result)
@@ -263,6 +266,7 @@ def test_ablation_end_to_end_on_a_tiny_setting(tmp_path):
         for key in HEADLINE:
             assert result["summary"][variant][key]["values"]["0"] is not None
         assert (tmp_path / "out" / f"ablation_{variant}.png").is_file()
+        assert 0.0 <= result["summary"][variant]["object_iou_amodal_oracle"]["values"]["0"] <= 1.0
     assert len(result["runs"]["full"]["0"]["density_cycles"]) == 4
 
 

@@ -147,6 +147,26 @@ def test_remap_patches_sums_merged_probabilities(scene, traced):
     assert merged.num_entries <= store.num_entries
 
 
+def test_majority_labels_sum_weight_over_views(scene):
+    """Traced ground-truth maps (the same id in every view): each Gaussian's majority id is the one
+    with the most weight summed over the views, -1 where no view sees it."""
+    views, n = [], scene.num_gaussians
+    exact = torch.zeros(n, int(scene.gt_instances.max()) + 1, dtype=torch.float64)
+    for v in range(4):
+        c = contributions(scene.means, scene.quats, scene.scales, scene.opacities, scene.viewmats[v], scene.Ks[v], 32, 32)
+        gt = scene.gt_instances[v].int()
+        views.append((v, c, gt))
+        exact[:, : int(gt.max()) + 1] += dense_trace(c, gt, n)
+    store = InstanceTraces.from_views(views, n, 4, TraceConfig(topk=64, min_prob=0.0, min_weight=0.0))
+    labels = store.majority_labels()
+    seen = exact.sum(dim=1) > 0
+    assert torch.equal(labels < 0, ~seen)
+    top2 = exact.topk(2, dim=1).values
+    clear = seen & (top2[:, 0] > 1.1 * top2[:, 1])  # away from ties that bfloat16 weights may flip
+    assert clear.sum() > 0.5 * seen.sum() and (exact.argmax(dim=1) != 0).any()
+    assert torch.equal(labels[clear], exact.argmax(dim=1)[clear])
+
+
 def test_trace_rejects_mismatched_patch_map(scene, traced):
     _, c, patch = traced[0]
     with pytest.raises(ValueError):

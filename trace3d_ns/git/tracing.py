@@ -255,6 +255,24 @@ class InstanceTraces:
         kept = self.max_prob().index_add(0, self.extra_obs.long(), self.extra_prob.float() / PROB_SCALE)
         return (1.0 - kept).clamp(min=0.0)
 
+    def majority_labels(self) -> Tensor:
+        """Per Gaussian, the patch id with the most traced weight summed over all views (weight x
+        probability of every kept entry; the smallest id on a tie); -1 for a Gaussian no view sees.
+        Meaningful only where an id means the same thing in every view: traced ground-truth maps, or
+        consistent (global) ids. Sparse: memory grows with the entries, not Gaussians x ids. [N]"""
+        labels = torch.full((self.num_gaussians,), -1, dtype=torch.long, device=self.device)
+        obs, patch, prob = self.entries()
+        if obs.numel() == 0:
+            return labels
+        span = int(patch.max()) + 1
+        keys, inverse = torch.unique(self.obs_gaussian()[obs] * span + patch, return_inverse=True)  # [K]
+        votes = torch.zeros(keys.numel(), device=self.device).index_add_(0, inverse, self.obs_weight[obs].float() * prob)
+        gaussian, patch_id = torch.div(keys, span, rounding_mode="floor"), keys % span  # [K] each
+        best = torch.zeros(self.num_gaussians, device=self.device).scatter_reduce_(0, gaussian, votes, "amax")
+        top = (votes == best[gaussian]) & (votes > 0)
+        labels.scatter_reduce_(0, gaussian[top], patch_id[top], "amin", include_self=False)
+        return labels
+
     # ---- per-view access ----------------------------------------------------------------------
     def view_observations(self, view: int) -> Tuple[Tensor, Tensor]:
         """(observation indices [o], their Gaussians [o]) of one view."""
