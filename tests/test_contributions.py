@@ -119,3 +119,10 @@ def test_fused_weights_equal_recomputed_pair_weights():
     torch.testing.assert_close(w, ref, atol=1e-7, rtol=1e-5)
     saturated = torch.zeros(W * H).index_add_(0, pids, w)
     assert saturated.max() > 0.999  # the transmittance cut-off is exercised
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_contributions_reject_batched_cameras_by_name(backend):
+    (means, quats, scales, opac, _), view, K = _scene()
+    with pytest.raises(ValueError, match=r"one view: viewmat \[4, 4\] and K \[3, 3\], got \[1, 4, 4\]"):
+        contributions(means, quats, scales, opac, view[None], K[None], W, H, backend=backend)

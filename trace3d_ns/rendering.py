@@ -246,6 +246,10 @@ def contributions(
     from trace3d_ns.cuda.rasterization import pair_weights
     from trace3d_ns.cuda.tiles import intersect_tiles
 
+    if viewmat.shape != (4, 4) or K.shape != (3, 3):
+        raise ValueError(
+            f"contributions() takes one view: viewmat [4, 4] and K [3, 3], got {list(viewmat.shape)} and {list(K.shape)}"
+        )
     backend = resolve_backend(backend, means.device)
     if backend == "gsplat" and indices_fn is None:
         from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
