@@ -80,6 +80,17 @@ def _to_camera(V, means, n, S, RS, Sc):
     return tx, ty, tz
 
 
+@njit(cache=True, inline="always")
+def _cov2d(Sc, j00, j02, j11, j12):
+    """(a, b, c) of the image-plane covariance [[a, b], [b, c]] = J Sc J^T, J = [[j00, 0, j02], [0, j11, j12]]
+    the projection's Jacobian (b averaged over both off-diagonal entries)."""
+    a0 = j00 * (j00 * Sc[0, 0] + j02 * Sc[2, 0]) + j02 * (j00 * Sc[0, 2] + j02 * Sc[2, 2])
+    b01 = j00 * (j11 * Sc[0, 1] + j12 * Sc[0, 2]) + j02 * (j11 * Sc[2, 1] + j12 * Sc[2, 2])
+    b10 = j11 * (j00 * Sc[1, 0] + j02 * Sc[1, 2]) + j12 * (j00 * Sc[2, 0] + j02 * Sc[2, 2])
+    c0 = j11 * (j11 * Sc[1, 1] + j12 * Sc[2, 1]) + j12 * (j11 * Sc[1, 2] + j12 * Sc[2, 2])
+    return a0, 0.5 * (b01 + b10), c0
+
+
 @njit(parallel=True, cache=True)
 def project_forward(
     means,  # [N, 3] float64
@@ -117,12 +128,7 @@ def project_forward(
                 u = min(max(tx / tz, -(cx / fx + margin_x)), (width - cx) / fx + margin_x)
                 v = min(max(ty / tz, -(cy / fy + margin_y)), (height - cy) / fy + margin_y)
                 j00, j02, j11, j12 = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
-                # cov2d = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]]
-                a0 = j00 * (j00 * Sc[0, 0] + j02 * Sc[2, 0]) + j02 * (j00 * Sc[0, 2] + j02 * Sc[2, 2])
-                b01 = j00 * (j11 * Sc[0, 1] + j12 * Sc[0, 2]) + j02 * (j11 * Sc[2, 1] + j12 * Sc[2, 2])
-                b10 = j11 * (j00 * Sc[1, 0] + j02 * Sc[1, 2]) + j12 * (j00 * Sc[2, 0] + j02 * Sc[2, 2])
-                c0 = j11 * (j11 * Sc[1, 1] + j12 * Sc[2, 1]) + j12 * (j11 * Sc[1, 2] + j12 * Sc[2, 2])
-                b = 0.5 * (b01 + b10)
+                a0, b, c0 = _cov2d(Sc, j00, j02, j11, j12)
                 det_orig = a0 * c0 - b * b
                 a, c = a0 + eps2d, c0 + eps2d
                 det_blur = a * c - b * b
@@ -197,12 +203,7 @@ def project_backward(
                 u = min(max(rx, lo_x), hi_x)
                 v = min(max(ry, lo_y), hi_y)
                 j00, j02, j11, j12 = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
-                # cov = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]]
-                a0 = j00 * (j00 * Sc[0, 0] + j02 * Sc[2, 0]) + j02 * (j00 * Sc[0, 2] + j02 * Sc[2, 2])
-                b01 = j00 * (j11 * Sc[0, 1] + j12 * Sc[0, 2]) + j02 * (j11 * Sc[2, 1] + j12 * Sc[2, 2])
-                b10 = j11 * (j00 * Sc[1, 0] + j02 * Sc[1, 2]) + j12 * (j00 * Sc[2, 0] + j02 * Sc[2, 2])
-                c0 = j11 * (j11 * Sc[1, 1] + j12 * Sc[2, 1]) + j12 * (j11 * Sc[1, 2] + j12 * Sc[2, 2])
-                b = 0.5 * (b01 + b10)
+                a0, b, c0 = _cov2d(Sc, j00, j02, j11, j12)
                 det_orig = a0 * c0 - b * b
                 a, c = a0 + eps2d, c0 + eps2d
                 det_blur = a * c - b * b
