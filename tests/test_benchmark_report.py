@@ -131,7 +131,8 @@ def test_config_overrides_and_their_errors():
 def _run(variant: str, iou: float, psnr: float = 25.0) -> dict:
     sel = {"object_iou_amodal": iou, "object_biou": iou / 2, "novel_view_miou": iou + 0.1, "test_psnr": psnr,
            "object_iou": iou - 0.1}
-    return {"variant": VARIANTS[variant].__dict__, "selection": {"feature": sel, "instance": dict(sel, object_biou=None)},
+    return {"variant": VARIANTS[variant].__dict__,
+            "selection": {"feature": sel, "instance": dict(sel, object_biou=None), "feature_instance": dict(sel, object_iou_amodal=iou + 0.02)},
             "num_gaussians": 1000, "ambiguous_fraction_gt": 0.0125, "ambiguous_fraction_consistent": 0.01,
             "oracle": {"object_iou_amodal": iou + 0.05, "object_biou": iou / 2 + 0.05, "per_object": {}}}
 
@@ -150,6 +151,8 @@ def test_summary_mean_std_and_per_seed_values():
     assert set(HEADLINE) <= set(s["full"])
     assert s["full"]["object_biou_instance"] == {"mean": None, "std": None, "values": {"0": None, "1": None, "2": None}}
     assert s["full"]["object_iou_amodal_oracle"]["mean"] == pytest.approx(0.85)
+    assert s["full"]["object_iou_amodal_feature_instance"]["mean"] == pytest.approx(0.82)
+    assert s["full"]["object_iou_amodal_traced"]["mean"] is None  # not measured in these runs
     assert summary({"full": {"0": {**_run("full", 0.4), "oracle": {}}}})["full"]["object_iou_amodal_oracle"]["mean"] is None
     d = deltas(RUNS, "no_git")
     assert set(d) == {"full"}
@@ -165,7 +168,7 @@ def test_report_tables_and_pictures():
     rows = ablation_table(result)
     assert len(rows) == 2 + 2
     assert rows[2].startswith("| `no_git` | - | - | - | 0.600 ± 0.100 | 0.300 ± 0.050 | 0.700 ± 0.100 | 25.00 ± 0.00 |")
-    assert rows[3].startswith("| `full` | yes | yes | yes | 0.800 ± 0.100 |") and rows[3].endswith("| 0.850 ± 0.100 | 1000 ± 0 | 1.25 ± 0.00 |")
+    assert rows[3].startswith("| `full` | yes | yes | yes | 0.800 ± 0.100 |") and rows[3].endswith("| - | 0.820 ± 0.100 | 0.850 ± 0.100 | 1000 ± 0 | 1.25 ± 0.00 |")
     result["delta_vs_no_git"] = deltas(RUNS, "no_git")
     assert ablation_delta_table(result)[2].startswith("| `full` | 0.200 ± 0.100 |")
     seeds = ablation_seed_table(result)

@@ -107,3 +107,24 @@ def test_traced_selection_equals_the_dense_reference_and_leaves_out_a_straddler(
         select_by_traced_feature(model, query)
     model.selection_cameras = cam
     assert torch.equal(select_from_point(model, cam, xy, mode="traced"), left)
+
+
+def test_feature_instance_cuts_a_feature_leak_with_the_label_and_a_merged_label_with_features():
+    from trace3d_ns.evaluation.harness import EvaluationError, resolve_mode
+
+    model, cam = _two_cluster_model(), _camera(64, 48)
+    left = torch.arange(300) < 150
+    xy = _pixel_of(model, cam, left)
+    with torch.no_grad():  # both clusters share one feature: feature selection takes them both
+        model.gauss_params["features"][:] = torch.tensor([1.5] + [0.0] * 15)
+    assert torch.equal(select_from_point(model, cam, xy, mode="feature"), torch.ones(300, dtype=torch.bool))
+    assert torch.equal(select_from_point(model, cam, xy, mode="feature_instance"), left)
+    model = _two_cluster_model()
+    model.instance_labels = torch.ones(300, dtype=torch.long)  # one label over both: the features split them
+    assert torch.equal(select_from_point(model, cam, xy, mode="feature_instance"), left)
+    model.instance_labels = torch.zeros(300, dtype=torch.long)  # nothing labelled at the click: features alone
+    assert torch.equal(select_from_point(model, cam, xy, mode="feature_instance"), left)
+    assert resolve_mode(model, "feature_instance") == "feature_instance"
+    model.instance_labels = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(EvaluationError, match="feature_instance needs instance labels"):
+        resolve_mode(model, "feature_instance")

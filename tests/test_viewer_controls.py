@@ -297,3 +297,22 @@ def test_backprojected_features_equal_the_dense_reference_and_pull_outliers_in()
     with torch.no_grad():
         model.gauss_params["features"].mul_(2.0)
     torch.testing.assert_close(model.selection_features(), 2.0 * fbar)  # recomputed after an update
+
+
+def test_feature_instance_mode_keeps_the_selection_inside_the_clicked_label():
+    model, cam = _two_clusters(), _camera(W, H)
+    model.instance_labels = torch.where(LEFT, 7, 3)
+    controls = _controls(model)
+    controls.select_threshold.value = -1.0  # feature similarity alone takes everything
+    controls.select_mode.value = "feature"
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert bool(controls.selection().all())
+    controls.select_mode.value = "feature_instance"
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert torch.equal(controls.selection(), LEFT)
+    controls.select_threshold.value = 0.9  # the slider still applies, within the label
+    assert 0 < controls.selection().sum() < 150 and not (controls.selection() & ~LEFT).any()
+    model.instance_labels = torch.zeros(0, dtype=torch.long)  # no labels: feature selection
+    controls.select_threshold.value = -1.0
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert bool(controls.selection().all())

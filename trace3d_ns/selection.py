@@ -22,7 +22,7 @@ from torch import Tensor
 
 from trace3d_ns.rendering import Contributions, contributions, rasterize
 
-SelectionMode = Literal["auto", "feature", "instance", "traced"]
+SelectionMode = Literal["auto", "feature", "instance", "traced", "feature_instance"]
 FEATURE_THRESHOLD = 0.7
 """Default cosine-similarity threshold of feature selection."""
 TRACED_SHARE = 0.66
@@ -109,6 +109,21 @@ def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
     return labels == int(votes.argmax())
 
 
+@torch.no_grad()
+def select_by_feature_within_instance(
+    model, camera, xy: Tuple[float, float], threshold: float = FEATURE_THRESHOLD
+) -> Tensor:
+    """Gaussians that pass feature selection from pixel xy (`select_by_feature`) and carry the instance
+    label the pixel votes for (`select_by_instance`). The contrastive features are smooth and leak
+    onto neighbours where an object got few samples (thin parts, objects stacked on a look-alike);
+    Gaussian Instance Tracing's multi-view-consistent labels cut that leak, and the features cut
+    what a merged label would add. Where no labelled Gaussian renders the pixel, feature selection
+    alone. [N] bool"""
+    by_feature = select_by_feature(model, pixel_feature(model, camera, xy), threshold)
+    by_instance = select_by_instance(model, camera, xy)
+    return by_feature & by_instance if by_instance.any() else by_feature
+
+
 def select_from_point(
     model, camera, xy: Tuple[float, float], mode: SelectionMode = "auto", threshold: float = FEATURE_THRESHOLD
 ) -> Tensor:
@@ -121,6 +136,8 @@ def select_from_point(
         return select_by_traced_feature(model, pixel_feature(model, camera, xy), threshold)
     if mode == "instance":
         return select_by_instance(model, camera, xy)
+    if mode == "feature_instance":
+        return select_by_feature_within_instance(model, camera, xy, threshold)
     raise ValueError(f"unknown selection mode {mode!r}")
 
 

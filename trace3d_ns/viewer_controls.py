@@ -119,7 +119,7 @@ class InstanceViewerControls(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "_model_ref", weakref.ref(model))
         self._query: Optional[Tensor] = None  # [D] rendered feature at the last click (feature mode)
-        self._label: Optional[int] = None  # instance label picked by the last click (instance mode)
+        self._label: Optional[int] = None  # instance label picked by the last click (instance, feature_instance)
         self._traced = False  # the last click selects by traced feature predictions
         self._traced_mask: Optional[Tuple[tuple, Tensor]] = None  # (cache key, its selection)
         self.viewer_control = ViewerControl()
@@ -127,8 +127,9 @@ class InstanceViewerControls(torch.nn.Module):
         self.select_by_click = ViewerButton("Select object (click)", cb_hook=self.on_select_by_click)
         self.select_mode = ViewerDropdown(
             "Select by", "auto",
-            ["auto", "feature", "traced", "instance"] if model.has_features else ["auto", "instance"],
-            hint="auto: feature similarity when the model has features, else instance labels",
+            ["auto", "feature", "traced", "instance", "feature_instance"] if model.has_features else ["auto", "instance"],
+            hint="auto: feature similarity when the model has features, else instance labels; "
+                 "feature_instance: feature similarity within the clicked instance",
         )  # fmt: skip
         self.select_status = ViewerText("Selected", "nothing", disabled=True)
         self.select_threshold = ViewerSlider(
@@ -162,7 +163,10 @@ class InstanceViewerControls(torch.nn.Module):
                 self._traced_mask = (key, select_by_traced_feature(model, self._query, self.select_threshold.value))
             return self._traced_mask[1]
         if self._query is not None:
-            return select_by_feature(model, self._query, self.select_threshold.value)
+            mask = select_by_feature(model, self._query, self.select_threshold.value)
+            if self._label is not None and model.instance_labels.numel() == model.num_points:
+                mask = mask & (model.instance_labels == self._label)  # feature_instance
+            return mask
         if self._label is not None and model.instance_labels.numel() == model.num_points:
             return model.instance_labels == self._label
         return None
@@ -174,7 +178,8 @@ class InstanceViewerControls(torch.nn.Module):
         In feature mode (`auto` with a feature field) the query is the rendered feature at the
         click and the selection is every Gaussian within the similarity threshold. In instance mode
         (`auto` without features) the instance label voted by blending weight at the click
-        (`select_from_point`, instance mode) selects its Gaussians.
+        (`select_from_point`, instance mode) selects its Gaussians. In feature_instance mode both are
+        kept: the feature selection within the clicked instance label.
         """
         model = self._model
         xy = click_pixel(camera, click.screen_pos)
@@ -183,6 +188,11 @@ class InstanceViewerControls(torch.nn.Module):
             if mode in ("feature", "traced") or (mode == "auto" and model.has_features):
                 self._query, self._label = pixel_feature(model, camera, xy), None
                 self._traced, self._traced_mask = mode == "traced", None
+            elif mode == "feature_instance":  # without labels (or none at the click): feature selection
+                self._query, self._traced = pixel_feature(model, camera, xy), False
+                labelled = model.instance_labels.numel() == model.num_points
+                picked = select_from_point(model, camera, xy, mode="instance") if labelled else None
+                self._label = int(model.instance_labels[picked][0]) if picked is not None and picked.any() else None
             else:
                 mask = select_from_point(model, camera, xy, mode="instance")
                 self._query, self._label = None, int(model.instance_labels[mask][0]) if mask.any() else None

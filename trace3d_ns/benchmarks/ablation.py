@@ -340,7 +340,7 @@ def measure_run(config_path: Path, scene: Path, picture: Optional[Path] = None, 
     gt_maps = [torch.from_numpy(v.gt) for v in train]
     gt_traces = trace_model(model, pipeline.datamanager.train_dataset.cameras, gt_maps, pipeline.config.trace, progress=False)
 
-    settings = {mode: Settings(mode=mode) for mode in ("feature", "instance", "traced")}
+    settings = {mode: Settings(mode=mode) for mode in ("feature", "instance", "traced", "feature_instance")}
     selection = {mode: _selection_record(evaluate(model, train, test, True, s), objects) for mode, s in settings.items()}
     out = {
         "oracle": oracle_extraction(model, gt_traces.majority_labels(), test),
@@ -597,6 +597,8 @@ SUMMARY_FIELDS: Dict[str, Callable[[Dict], Optional[float]]] = {
     "object_biou_instance": lambda r: r["selection"]["instance"]["object_biou"],
     "novel_view_miou_instance": lambda r: r["selection"]["instance"]["novel_view_miou"],
     **{f"{name}_traced": (lambda r, n=name: r["selection"].get("traced", {}).get(n)) for name in HEADLINE[:3]},
+    **{f"{name}_feature_instance": (lambda r, n=name: r["selection"].get("feature_instance", {}).get(n))
+       for name in HEADLINE[:3]},
     "object_iou_amodal_oracle": lambda r: r.get("oracle", {}).get("object_iou_amodal"),
     "object_biou_oracle": lambda r: r.get("oracle", {}).get("object_biou"),
     "object_iou_modal": lambda r: r["selection"]["feature"]["object_iou"],

@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-view", type=int, default=None, metavar="I",
                    help="training-view index (datamanager order) for every prompt; default: per mask, the "
                         "training view where it has the largest inscribed disc")
-    p.add_argument("--mode", choices=("auto", "feature", "instance", "traced"), default="auto",
-                   help="selection by feature similarity, instance label, or feature predictions traced back "
-                        "over the training views (auto: features if the model has them)")
+    p.add_argument("--mode", choices=("auto", "feature", "instance", "traced", "feature_instance"), default="auto",
+                   help="selection by feature similarity, instance label, feature predictions traced back "
+                        "over the training views, or feature similarity within the clicked instance label "
+                        "(auto: features if the model has them)")
     p.add_argument("--threshold", type=float, default=FEATURE_THRESHOLD, metavar="T",
                    help="feature selection: cosine-similarity threshold")
     p.add_argument("--kind", choices=("auto", "instances", "foreground", "alpha"), default="auto",

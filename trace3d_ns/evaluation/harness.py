@@ -150,15 +150,15 @@ def reference_view(masks: Sequence[np.ndarray]) -> Optional[int]:
 
 
 # ---- selection and rendering --------------------------------------------------------------------
-def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance", "traced"]:
+def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance", "traced", "feature_instance"]:
     """The selection mode `auto` stands for on this model; raises if the model cannot do `mode`."""
     has_labels = model.instance_labels.numel() == model.num_points and model.num_points > 0
     resolved = ("feature" if model.has_features else "instance") if mode == "auto" else mode
-    if resolved in ("feature", "traced") and not model.has_features:
+    if resolved in ("feature", "traced", "feature_instance") and not model.has_features:
         raise EvaluationError(f"--mode {resolved} needs a model with a feature field (feature_dim > 0)")
-    if resolved == "instance" and not has_labels:
+    if resolved in ("instance", "feature_instance") and not has_labels:
         raise EvaluationError(
-            "--mode instance needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)"
+            f"--mode {resolved} needs instance labels, and this checkpoint has none (run Gaussian Instance Tracing first)"
         )
     return resolved
 
