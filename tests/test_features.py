@@ -115,6 +115,25 @@ def test_balanced_sampling_gives_every_instance_its_share():
     assert picked.unique().numel() == 9 and counts[1] == 2 and sorted(counts[2:]) == [3, 4]
 
 
+def test_a_minimum_per_instance_reserves_samples_and_leaves_the_rest_uniform():
+    labels = torch.zeros(100, 100, dtype=torch.int32)
+    labels[:60] = 5  # 6000 pixels
+    labels[60:90, :50] = 2  # 1500
+    labels[95:, :4] = 9  # 20: a thin object
+    flat = labels.reshape(-1)
+    counts = torch.zeros(10)
+    for seed in range(20):
+        picked = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(seed), min_per_label=16)
+        assert picked.numel() == 300 and picked.unique().numel() == 300
+        c = torch.bincount(flat[picked].long(), minlength=10)
+        assert c[9] >= 16 and c[2] >= 16 and c[5] >= 16  # every instance has its minimum
+        counts += c
+    # beyond the 48 reserved, the 252 others follow the unreserved pixels (5984 : 1484 : 4)
+    assert abs(counts[5] / 20 - (16 + 252 * 5984 / 7472)) < 6 and abs(counts[2] / 20 - (16 + 252 * 1484 / 7472)) < 6
+    tight = sample_labelled_pixels(labels, 30, torch.Generator().manual_seed(0), min_per_label=16)  # 3 x 16 > 30
+    assert torch.bincount(flat[tight].long(), minlength=10)[[2, 5, 9]].tolist() == [10, 10, 10]
+
+
 @pytest.mark.parametrize("loss_fn", [contrastive_loss, contrastive_loss_reference])
 def test_unlabelled_pixels_are_negatives_only(loss_fn):
     """A label-0 pixel is never a positive nor an anchor: far from everything it changes nothing,

@@ -81,6 +81,10 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     more (0.689 -> 0.237): the large objects' features, sampled less, separate less well. A repeat of
     uniform sampling on another random path gave 0.793 / 0.791. Off by default
     (docs/benchmarks/pilot/README.md)."""
+    contrastive_min_per_instance: int = 0
+    """With `contrastive_balanced` off: every instance of the view first gets this many of the loss's
+    labelled samples (all its pixels when it has fewer), the rest uniform. A thin object then has
+    positives in every step while large objects keep most of their uniform share; 0: uniform."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
@@ -415,7 +419,7 @@ class Trace3DModel(SplatfactoModel):
     def _pick_contrastive_pixels(self, labels: Tensor) -> Tensor:
         return sample_labelled_pixels(
             labels, self.config.contrastive_samples, num_unlabelled=self.config.contrastive_unlabelled_samples,
-            balanced=self.config.contrastive_balanced,
+            balanced=self.config.contrastive_balanced, min_per_label=self.config.contrastive_min_per_instance,
         )
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:

@@ -46,10 +46,13 @@ def _balanced_quota(counts: List[int], budget: int) -> int:
     return max(counts, default=0)
 
 
-def _sample_balanced(candidates: Tensor, labels: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+def _sample_balanced(
+    candidates: Tensor, labels: Tensor, num_samples: int, generator: Optional[torch.Generator], cap: Optional[int] = None
+) -> Tensor:
     """Up to `num_samples` distinct entries of `candidates` [P] (labels [P]), as evenly over the
     labels as their sizes allow: every label gets min(its size, q) random entries for the largest
-    such q within the budget, and the rest of the budget goes to random remaining entries."""
+    such q within the budget (at most `cap`), and the rest of the budget goes to random remaining
+    entries."""
     if candidates.numel() <= num_samples:
         return candidates
     perm = torch.randperm(candidates.numel(), generator=generator, device="cpu").to(candidates.device)  # [P]
@@ -58,7 +61,8 @@ def _sample_balanced(candidates: Tensor, labels: Tensor, num_samples: int, gener
     counts = torch.bincount(labels)  # [max label + 1]
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(order.numel(), device=order.device) - starts[grouped.long()]  # [P] within its label
-    take = rank < _balanced_quota(counts[counts > 0].tolist(), num_samples)
+    quota = _balanced_quota(counts[counts > 0].tolist(), num_samples)
+    take = rank < (quota if cap is None else min(quota, cap))
     chosen, rest = order[take], order[~take]
     extra = num_samples - chosen.numel()
     if extra > 0:
@@ -72,15 +76,19 @@ def sample_labelled_pixels(
     generator: Optional[torch.Generator] = None,
     num_unlabelled: int = 0,
     balanced: bool = False,
+    min_per_label: int = 0,
 ) -> Tensor:
     """Flat indices of up to `num_samples` distinct pixels with label > 0, then up to
     `num_unlabelled` distinct pixels with label 0 (the loss's negatives). labels [H, W] -> [M] int64.
     Uniform over the labelled pixels, or with `balanced` as evenly over the labels as their sizes
-    allow (`_sample_balanced`), so that a small object gets anchors and positives in every step."""
+    allow (`_sample_balanced`), so that a small object gets anchors and positives in every step;
+    with `min_per_label` k, every label first gets min(its pixels, k) (less when the labels' quotas
+    exceed the budget), the rest uniform."""
     flat = labels.reshape(-1)
     labelled = torch.nonzero(flat > 0).squeeze(1)  # [P]
-    if balanced:
-        picked = _sample_balanced(labelled, flat[labelled], num_samples, generator)  # [M1]
+    if balanced or min_per_label > 0:
+        cap = None if balanced else min_per_label
+        picked = _sample_balanced(labelled, flat[labelled], num_samples, generator, cap)  # [M1]
     else:
         picked = _sample(labelled, num_samples, generator)  # [M1]
     if num_unlabelled <= 0:
