@@ -90,12 +90,17 @@ def test_sampling_adds_unlabelled_pixels_after_the_labelled_ones():
     assert sample_labelled_pixels(labels, 100, num_unlabelled=1000).numel() == 100
 
 
-def test_balanced_sampling_gives_every_instance_its_share():
+def _three_instances():
+    """labels [100, 100]: instance 5 of 6000 pixels, 2 of 1500, a thin 9 of 20, the rest 0; and flattened."""
     labels = torch.zeros(100, 100, dtype=torch.int32)
-    labels[:60] = 5  # 6000 pixels
-    labels[60:90, :50] = 2  # 1500
-    labels[95:, :4] = 9  # 20: a thin object
-    flat = labels.reshape(-1)
+    labels[:60] = 5
+    labels[60:90, :50] = 2
+    labels[95:, :4] = 9
+    return labels, labels.reshape(-1)
+
+
+def test_balanced_sampling_gives_every_instance_its_share():
+    labels, flat = _three_instances()
     for seed in range(3):
         picked = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(seed), num_unlabelled=10, balanced=True)
         assert picked.numel() == 310 and picked.unique().numel() == 310
@@ -116,11 +121,7 @@ def test_balanced_sampling_gives_every_instance_its_share():
 
 
 def test_a_minimum_per_instance_reserves_samples_and_leaves_the_rest_uniform():
-    labels = torch.zeros(100, 100, dtype=torch.int32)
-    labels[:60] = 5  # 6000 pixels
-    labels[60:90, :50] = 2  # 1500
-    labels[95:, :4] = 9  # 20: a thin object
-    flat = labels.reshape(-1)
+    labels, flat = _three_instances()
     counts = torch.zeros(10)
     for seed in range(20):
         picked = sample_labelled_pixels(labels, 300, torch.Generator().manual_seed(seed), min_per_label=16)

@@ -15,7 +15,7 @@ select from a clicked pixel:
 
 from __future__ import annotations
 
-from typing import Literal, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,11 +63,44 @@ def pixel_weights(model, camera, xy: Tuple[float, float]) -> Tuple[Tensor, Tenso
 @torch.no_grad()
 def pixel_feature(model, camera, xy: Tuple[float, float]) -> Tensor:
     """The rendered (alpha-normalised) feature at pixel xy. [D]"""
-    ids, w = pixel_weights(model, camera, xy)
+    return _blended_feature(model, *pixel_weights(model, camera, xy), xy)
+
+
+def _blended_feature(model, ids: Tensor, w: Tensor, xy: Tuple[float, float]) -> Tensor:
+    """The alpha-normalised feature of a pixel's Gaussians ids [k] with weights w [k]. [D]"""
     if ids.numel() == 0:
         raise ValueError(f"nothing is rendered at pixel {xy}")
     f = model.gauss_params["features"][ids]
     return (w[:, None] * f).sum(0) / w.sum()
+
+
+def _voted_instance(model, ids: Tensor, w: Tensor) -> Optional[int]:
+    """The instance label with the most weight among a pixel's Gaussians ids [k] (weights w [k]),
+    None when none of them is labelled; raises when the model has no labels."""
+    labels = model.instance_labels
+    if labels.numel() != model.num_points:
+        raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
+    lab = labels[ids]
+    keep = lab > 0
+    if not keep.any():
+        return None
+    votes = torch.zeros(int(labels.max()) + 1, device=w.device).index_add_(0, lab[keep], w[keep])
+    return int(votes.argmax())
+
+
+@torch.no_grad()
+def instance_at(model, camera, xy: Tuple[float, float]) -> Optional[int]:
+    """The instance label that wins the weighted vote at pixel xy (None: no labelled Gaussian there)."""
+    return _voted_instance(model, *pixel_weights(model, camera, xy))
+
+
+@torch.no_grad()
+def pixel_feature_and_instance(model, camera, xy: Tuple[float, float]) -> Tuple[Tensor, Optional[int]]:
+    """(rendered feature [D], voted instance label) at pixel xy from one pass over the view; the label
+    is None when the model has no labels or no labelled Gaussian renders the pixel."""
+    ids, w = pixel_weights(model, camera, xy)
+    labelled = model.instance_labels.numel() == model.num_points
+    return _blended_feature(model, ids, w, xy), _voted_instance(model, ids, w) if labelled else None
 
 
 @torch.no_grad()
@@ -97,16 +130,10 @@ def select_by_traced_feature(
 @torch.no_grad()
 def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
     """All Gaussians carrying the instance label that wins the weighted vote at pixel xy. [N] bool"""
-    labels = model.instance_labels
-    if labels.numel() != model.num_points:
-        raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
-    ids, w = pixel_weights(model, camera, xy)
-    lab = labels[ids]
-    keep = lab > 0
-    if not keep.any():
-        return torch.zeros_like(labels, dtype=torch.bool)
-    votes = torch.zeros(int(labels.max()) + 1, device=w.device).index_add_(0, lab[keep], w[keep])
-    return labels == int(votes.argmax())
+    label = instance_at(model, camera, xy)
+    if label is None:
+        return torch.zeros_like(model.instance_labels, dtype=torch.bool)
+    return model.instance_labels == label
 
 
 @torch.no_grad()
@@ -119,9 +146,11 @@ def select_by_feature_within_instance(
     Gaussian Instance Tracing's multi-view-consistent labels cut that leak, and the features cut
     what a merged label would add. Where no labelled Gaussian renders the pixel, feature selection
     alone. [N] bool"""
-    by_feature = select_by_feature(model, pixel_feature(model, camera, xy), threshold)
-    by_instance = select_by_instance(model, camera, xy)
-    return by_feature & by_instance if by_instance.any() else by_feature
+    if model.instance_labels.numel() != model.num_points:
+        raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
+    query, label = pixel_feature_and_instance(model, camera, xy)
+    by_feature = select_by_feature(model, query, threshold)
+    return by_feature if label is None else by_feature & (model.instance_labels == label)
 
 
 def select_from_point(

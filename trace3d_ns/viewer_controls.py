@@ -56,11 +56,12 @@ from trace3d_ns.features.palette import colorize_ids
 from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
     camera_contributions,
+    instance_at,
     pixel_feature,
+    pixel_feature_and_instance,
     render_subset_alpha,
     select_by_feature,
     select_by_traced_feature,
-    select_from_point,
 )
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class InstanceViewerControls(torch.nn.Module):
         In feature mode (`auto` with a feature field) the query is the rendered feature at the
         click and the selection is every Gaussian within the similarity threshold. In instance mode
         (`auto` without features) the instance label voted by blending weight at the click
-        (`select_from_point`, instance mode) selects its Gaussians. In feature_instance mode both are
+        (`instance_at`) selects its Gaussians. In feature_instance mode both are
         kept: the feature selection within the clicked instance label.
         """
         model = self._model
@@ -189,13 +190,9 @@ class InstanceViewerControls(torch.nn.Module):
                 self._query, self._label = pixel_feature(model, camera, xy), None
                 self._traced, self._traced_mask = mode == "traced", None
             elif mode == "feature_instance":  # without labels (or none at the click): feature selection
-                self._query, self._traced = pixel_feature(model, camera, xy), False
-                labelled = model.instance_labels.numel() == model.num_points
-                picked = select_from_point(model, camera, xy, mode="instance") if labelled else None
-                self._label = int(model.instance_labels[picked][0]) if picked is not None and picked.any() else None
+                (self._query, self._label), self._traced = pixel_feature_and_instance(model, camera, xy), False
             else:
-                mask = select_from_point(model, camera, xy, mode="instance")
-                self._query, self._label = None, int(model.instance_labels[mask][0]) if mask.any() else None
+                self._query, self._label = None, instance_at(model, camera, xy)
         except ValueError as err:  # nothing rendered there, or no labels to vote with
             CONSOLE.print(f"[yellow]Nothing selected: {err}")
             return
