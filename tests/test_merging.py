@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -224,15 +226,19 @@ def test_segment_whose_gaussians_carry_other_labels_loses_its_links():
     # 26/60 < 0.5): they lose their cross-view links and the second vote labels all of Y as Y.
     x, y = list(A), list(B) + list(C)
     views = [[x, y[:8]], [x + y], [x + y], [x + y], [x, y], [x, y], [x, y[:34]], [x, y[:34]], [x, y[:34]]]
-    before = _run(views, MergeConfig(min_traced=3, unlink_rounds=0, purity_weighted_vote=False))
+    # (contrary weight 0.5: at the default 1 the two views against X's id already outweigh it, below)
+    half = MergeConfig(min_traced=3, contrary_weight=0.5)
+    before = _run(views, replace(half, unlink_rounds=0, purity_weighted_vote=False))
     x_id, y_id = int(before.gaussian_labels[0]), int(before.gaussian_labels[20])
     assert x_id != y_id and torch.all(before.gaussian_labels[y[34:]] == x_id)  # the failure this rule fixes
-    result = _run(views, MergeConfig(min_traced=3, unlink_rounds=1))
+    result = _run(views, replace(half, unlink_rounds=1))
     labels = result.gaussian_labels
     x_id, y_id = int(labels[0]), int(labels[20])
     assert x_id != y_id and 0 not in (x_id, y_id)
     assert torch.all(labels[x] == x_id) and torch.all(labels[y] == y_id)
-    assert torch.equal(_run(views).gaussian_labels, labels)  # the default (2 rounds) converges there too
+    assert torch.equal(_run(views, replace(half, unlink_rounds=2)).gaussian_labels, labels)  # converged
+    defaults = _run(views, MergeConfig(min_traced=3))  # contrary weight 1, no unlinking
+    assert MergeConfig().unlink_rounds == 0 and torch.equal(defaults.gaussian_labels, labels)
     for v in (0, 4, 5, 6, 7, 8):
         assert result.patch_to_global[v][1:].tolist() == [x_id, y_id]
     for v in (1, 2, 3):  # the merged patches take Y's id (most of their Gaussians) and are marked impure
@@ -244,13 +250,15 @@ def test_patch_votes_are_weighted_by_purity():
     # join X's instance through view 0 (which sees 8 of Y). Y's last 2 Gaussians are seen apart in two
     # views only (4, 5): three votes for X's id against two for Y's. The merged segments' purity is
     # 22/40 >= 0.5, so they keep their links; weighted by purity the three votes weigh 3 * 0.55 = 1.65
-    # and Y's two (its patches hold 18 of 20 Gaussians labelled Y) 2 * 0.9 = 1.8.
+    # and Y's two (its patches hold 18 of 20 Gaussians labelled Y) 2 * 0.9 = 1.8. (Contrary weight 0.5:
+    # at 1, the two views that keep the two apart already outweigh the three.)
     x, y = list(A), list(B)
     views = [[x, y[:8]], [x + y], [x + y], [x + y], [x, y], [x, y], [x, y[:18]], [x, y[:18]], [x, y[:18]]]
-    before = _run(views, MergeConfig(min_traced=3, purity_weighted_vote=False))
+    half = MergeConfig(min_traced=3, contrary_weight=0.5)
+    before = _run(views, replace(half, purity_weighted_vote=False))
     x_id = int(before.gaussian_labels[0])
     assert torch.all(before.gaussian_labels[y[18:]] == x_id) and float(before.patch_purity[1][1]) > 0.5
-    result = _run(views, MergeConfig(min_traced=3))
+    result = _run(views, half)
     labels = result.gaussian_labels
     x_id, y_id = int(labels[0]), int(labels[20])
     assert x_id != y_id and 0 not in (x_id, y_id)
@@ -286,6 +294,7 @@ def test_gaussians_vote_with_the_weight_they_draw():
     # B's first 10 Gaussians lie behind A in views 0-2 and show through A's patch faintly (weight 0.1);
     # views 3, 4 see A and B apart, views 5-7 A and B's other 10. Voting with probabilities, those 10
     # get three votes for A's id and two for B's; voting with the weight they draw, 0.3 against 2.
+    # (Contrary weight 0.5: at 1, the two views that keep A and B apart outweigh the three already.)
     x, y = list(A), list(B)
     acc = TraceAccumulator(N, 8)
     maps = []
@@ -299,9 +308,10 @@ def test_gaussians_vote_with_the_weight_they_draw():
         acc.add_view(v, contrib, patch_map)
         maps.append(patch_map)
     traces = acc.build()
-    before = consistent_instances(traces, maps, MergeConfig(min_traced=3, vote="probability")).gaussian_labels
+    half = MergeConfig(min_traced=3, contrary_weight=0.5)
+    before = consistent_instances(traces, maps, replace(half, vote="probability")).gaussian_labels
     assert torch.all(before[y[:10]] == before[0]) and before[0] != before[30]
-    labels = consistent_instances(traces, maps, MergeConfig(min_traced=3)).gaussian_labels
+    labels = consistent_instances(traces, maps, half).gaussian_labels
     assert torch.all(labels[x] == labels[0]) and torch.all(labels[y] == labels[20]) and labels[0] != labels[20]
 
 
@@ -423,3 +433,34 @@ def test_contrary_votes_count_only_views_where_the_instance_is_present():
     assert against.tolist() == [0.0, 1.0, 1.0, 0.0]
     blocks = _contrary_votes(t, global_id, owner, label, votes, t.entry_obs[keep], ids, t.entry_prob[keep], block=16)
     assert blocks.tolist() == against.tolist()  # Gaussians 0 and 20 in different row blocks
+
+
+def test_faint_gaussians_behind_a_thin_object_do_not_break_its_links():
+    # A rod R (10 Gaussians) in front of a box (40). In each of three views the rod's patch is also
+    # traced to by 12 of the box's Gaussians, seen faintly through the rod's edges (weight 0.1), a
+    # different 12 in each view; the other 28 fill the box's patch. Counted 1 each, the rod's patch is
+    # 12/22 box: it maps less than half of itself onto the rod's patch of another view, so the rod's
+    # patches link to nothing. Counted by their weight (capped at 1), the faint ones weigh 1.2 of 11.2;
+    # the rod's patches also take the rod's id, not the one most of their traced Gaussians (12 of 22) carry.
+    rod, box = list(range(10)), list(range(20, 60))
+    acc = TraceAccumulator(60, 3)
+    maps = []
+    for v in range(3):
+        faint = box[12 * v : 12 * v + 12]
+        rest = [g for g in box if g not in faint]
+        gids = torch.tensor(rod + faint + rest)
+        pixels = torch.tensor([1] * 22 + [2] * 28)
+        weights = torch.tensor([1.0] * 10 + [0.1] * 12 + [1.0] * 28)
+        acc.add_view(v, Contributions(gids, pixels, weights, 3, 1), torch.arange(3, dtype=torch.int32)[None])
+        maps.append(torch.arange(3, dtype=torch.int32)[None])
+    traces = acc.build()
+    result = consistent_instances(traces, maps, MergeConfig(min_traced=3))
+    labels = result.gaussian_labels
+    rod_id, box_id = int(labels[0]), int(labels[20])
+    assert 0 not in (rod_id, box_id) and rod_id != box_id
+    assert torch.all(labels[rod] == rod_id) and torch.all(labels[box] == box_id)
+    for v in range(3):
+        assert result.patch_to_global[v][1:].tolist() == [rod_id, box_id]
+    # Counted 1 each, the rod's patch also looks half box from the other views: merged into the box.
+    counted = consistent_instances(traces, maps, MergeConfig(min_traced=3, count_weight_cap=0.0)).gaussian_labels
+    assert torch.all(counted[rod] == counted[20])
