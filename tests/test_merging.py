@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from trace3d_ns.git.merging import MergeConfig, consistent_instances, constrained_links, render_label_map, union_find
@@ -464,3 +465,11 @@ def test_faint_gaussians_behind_a_thin_object_do_not_break_its_links():
     # Counted 1 each, the rod's patch also looks half box from the other views: merged into the box.
     counted = consistent_instances(traces, maps, MergeConfig(min_traced=3, count_weight_cap=0.0)).gaussian_labels
     assert torch.all(counted[rod] == counted[20])
+
+
+def test_negative_count_weight_cap_is_refused():
+    contrib, patch_map = _view(_whole())
+    acc = TraceAccumulator(N, 1)
+    acc.add_view(0, contrib, patch_map)
+    with pytest.raises(ValueError, match="count_weight_cap"):
+        consistent_instances(acc.build(), [patch_map], MergeConfig(count_weight_cap=-1.0))

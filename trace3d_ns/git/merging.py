@@ -124,7 +124,8 @@ class MergeConfig:
     merge_threshold: float = 0.5
     """theta: patches of one view merge when their multi-view similarity exceeds this."""
     min_traced: int = 3
-    """Patches (and segments) with fewer traced Gaussians are kept as they are: no merge, no link."""
+    """Patches (and segments) with fewer traced Gaussians (counted as ``count_weight_cap`` says) are kept
+    as they are: no merge, no link."""
     min_informative: float = 0.5
     """A view is usable for a patch when at least this share of its traced Gaussians seen there
     are informative (in some mask)."""
@@ -452,7 +453,10 @@ class _TraceArrays:
         self.obs_weight = traces.obs_weight.float().cpu().numpy()  # [O]
         self.seen = self.obs_weight >= config.min_weight  # [O]
         cap = config.count_weight_cap
-        self.count = np.minimum(self.obs_weight, cap) / cap if cap > 0 else np.ones_like(self.obs_weight)  # [O]
+        if not cap >= 0.0:
+            raise ValueError(f"MergeConfig.count_weight_cap must be >= 0 (0: count every Gaussian 1), got {cap}")
+        # [O] what each observation counts for in merging and linking (see the module docstring)
+        self.count = np.minimum(self.obs_weight, cap) / cap if cap > 0 else np.ones_like(self.obs_weight)
         top = traces.argmax().cpu().numpy()  # [O]
         self.informative = self.seen & (top > 0)  # [O]
         self.traced = self.informative & (traces.max_prob().cpu().numpy() >= config.traced_min_prob)  # [O]
@@ -465,7 +469,7 @@ class _TraceArrays:
         self.entry_local = entry_patch  # [E]
 
     def traced_matrix(self) -> sp.csr_matrix:
-        """M [P, N]: where Gaussian n is traced to patch p, its count in p's view (``count``, see the module docstring)."""
+        """M [P, N]: where Gaussian n is traced to patch p, its count in p's view (``count``)."""
         rows, cols = self.obs_top[self.traced], self.obs_gaussian[self.traced]
         return sp.csr_matrix((self.count[self.traced], (rows, cols)), shape=(self.num_nodes, self.num_gaussians))
 
