@@ -142,6 +142,18 @@ def test_cycle_prunes_only_still_ambiguous_children():
     assert prune.tolist() == [1, 0, 0, 0, 0, 1] and not split.any()  # the last one only prunes
 
 
+def test_cycle_splits_hidden_gaussians_and_keeps_hidden_children():
+    ambiguous = torch.tensor([1, 0, 0, 0, 0], dtype=torch.bool)
+    hidden = torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool)
+    split_last = torch.tensor([0, 0, 1, 0, 1], dtype=torch.bool)
+    seen = torch.tensor([3, 2, 1, 4, 0])
+    prune, split = plan_cycle(ambiguous, seen, split_last, last=False, prune_unseen=True, hidden=hidden)
+    assert prune.tolist() == [0, 0, 0, 0, 1]  # a hidden child is split again, unless no view sees it
+    assert split.tolist() == [1, 1, 1, 0, 0]
+    prune, split = plan_cycle(ambiguous, seen, split_last, last=True, prune_unseen=True, hidden=hidden)
+    assert not split.any()
+
+
 def test_schedule_starts_after_splatfacto_densification():
     control = GitDensityControl(cycles=3, start_step=2000, every=500)
     assert control.schedule(stop_split_at=2000) == [2000, 2500, 3000]
@@ -231,6 +243,22 @@ def test_cycles_on_a_training_pipeline(trained):
     _check_consistent(model)
     _train_step(pipeline, optimizers, step=15)
     assert all(torch.isfinite(p).all() for p in model.gauss_params.values())
+
+
+def test_a_cycle_with_split_hidden_on_a_training_pipeline(trained):
+    _, _, pipeline, optimizers = trained
+    model = pipeline.model
+    control = GitDensityControl(cycles=2, start_step=20, every=2, split_hidden=True)
+    state = control.initialize_state()
+    stats = control.run_cycle(pipeline, state, step=20)
+    assert stats.num_hidden > 0
+    # the split set is the ambiguous and hidden ones, minus those pruned as unseen
+    assert stats.num_ambiguous <= stats.num_split + stats.num_pruned <= stats.num_ambiguous + stats.num_hidden + stats.num_pruned
+    assert stats.num_after == stats.num_before - stats.num_pruned + stats.num_split
+    _check_consistent(model)
+    _train_step(pipeline, optimizers, step=21)
+    control.run_cycle(pipeline, state, step=22)
+    _check_consistent(model)
 
 
 def _save_run(root: Path, config, pipeline) -> Path:

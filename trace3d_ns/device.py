@@ -43,8 +43,9 @@ def resolve_device_type(device_type: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     warnings.warn(
-        "No CUDA GPU found (torch.cuda.is_available() is False): trace3d trains on the CPU with its torch "
-        f"rasterizer, which is much slower than gsplat on a GPU. Add {CPU_HINT} to choose this explicitly.",
+        "No CUDA GPU found (torch.cuda.is_available() is False): trace3d trains on the CPU with its compiled "
+        "rasterizer (numba; --pipeline.model.rasterizer), much slower than gsplat on a GPU. "
+        f"Add {CPU_HINT} to choose this explicitly.",
         DeviceFallbackWarning,
         stacklevel=2,
     )

@@ -298,6 +298,63 @@ def contributions(
 
 
 @torch.no_grad()
+def footprint_masses(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] (activated)
+    opacities: Tensor,  # [N] (activated)
+    viewmat: Tensor,  # [4, 4] world-to-camera
+    K: Tensor,  # [3, 3]
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    rasterize_mode: str = "classic",
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """What each Gaussian would draw in one view with nothing in front of it: (mass [N] float32,
+    in_frame [N] bool).
+
+    The mass is alpha summed over the image plane, ``o 2 pi sqrt(det Sigma2d) (1 - 1 / (255 o))``
+    for the opacity ``o`` as rendered (times the antialiased mode's compensation) and the projected
+    covariance (``eps2d`` included), counting only where alpha >= 1/255 as the renderer does (its
+    0.999 clip is ignored). ``in_frame``: projected and its footprint box (``means2d`` +- radius)
+    inside the image, where that integral is the pixel sum (a Gaussian of std >= 0.5 px sampled on
+    the pixel grid sums to its integral within 1e-3). Comparing it with the weight the Gaussian
+    actually draws (alpha * T, e.g. its traced weight) tells how much of it other surfaces hide.
+    0 mass where culled or never drawn (o < 1/255)."""
+    if viewmat.shape != (4, 4) or K.shape != (3, 3):
+        raise ValueError(
+            f"footprint_masses() takes one view: viewmat [4, 4] and K [3, 3], got {list(viewmat.shape)} and {list(K.shape)}"
+        )
+    backend = resolve_backend(backend, means.device)
+    if backend == "gsplat":
+        from gsplat.cuda._wrapper import fully_fused_projection
+
+        radii, means2d, _, conics, comp = fully_fused_projection(
+            means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d,
+            near_plane=near_plane, far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        )
+    else:
+        radii, means2d, _, conics, comp = _project_one_view(
+            backend, means, quats, scales, viewmat, K, width, height, eps2d, near_plane, far_plane, rasterize_mode
+        )
+    radii, means2d, conics = radii[0], means2d[0], conics[0].double()  # [N], [N, 2], [N, 3]
+    opac = (opacities if comp is None else opacities * comp[0]).double()  # [N]
+    det = conics[:, 0] * conics[:, 2] - conics[:, 1] ** 2  # [N] det of the inverse covariance
+    drawn = (radii > 0) & (det > 0) & (opac * 255.0 > 1.0)  # [N]
+    safe_det = torch.where(drawn, det, torch.ones_like(det))
+    safe_opac = torch.where(drawn, opac, torch.ones_like(opac))
+    mass = 2.0 * math.pi * safe_opac * (1.0 - 1.0 / (255.0 * safe_opac)) / torch.sqrt(safe_det)  # [N]
+    mass = torch.where(drawn, mass, torch.zeros_like(mass)).float()
+    r = radii.to(means2d.dtype)  # [N]
+    in_frame = drawn & (means2d[:, 0] - r >= 0) & (means2d[:, 0] + r <= width)
+    in_frame &= (means2d[:, 1] - r >= 0) & (means2d[:, 1] + r <= height)
+    return mass, in_frame
+
+
+@torch.no_grad()
 def patch_weights(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4]

@@ -29,7 +29,10 @@ Policy (:class:`GitDensityControl`, state in :class:`DensityControlState`). Cycl
    deleting avoids holes). With ``prune_unseen`` (the default, as in the authors' release) also the
    Gaussians no training view sees with weight >= ``unseen_weight``.
 4. **Split** the remaining ambiguous Gaussians, except in the last cycle, which only prunes: the
-   final model keeps no children that were never checked.
+   final model keeps no children that were never checked. With ``split_hidden`` (off by default)
+   also the hidden ones (``trace3d_ns.git.visibility``: partly hidden by other surfaces in most
+   views that see them, e.g. tails under the surface an object rests on); a hidden child is not
+   pruned for being hidden, only when no view sees it.
 
 After each cycle the model's per-Gaussian buffers (``instance_labels``, ``instance_confidence``)
 and ``density_children`` (the new children, kept in checkpoints for the next cycle)
@@ -141,7 +144,8 @@ def prune_gaussians(
 
 
 def plan_cycle(
-    ambiguous: Tensor, num_seen: Tensor, split_last: Optional[Tensor], last: bool, prune_unseen: bool
+    ambiguous: Tensor, num_seen: Tensor, split_last: Optional[Tensor], last: bool, prune_unseen: bool,
+    hidden: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Which Gaussians a cycle prunes and which it splits (both [N] bool, disjoint).
 
@@ -151,11 +155,13 @@ def plan_cycle(
         split_last: [N] bool, children made by the previous cycle (None in the first cycle).
         last: the last cycle, which only prunes.
         prune_unseen: also prune the Gaussians no view sees.
+        hidden: [N] bool, also split these (``split_hidden``); a hidden child is not pruned for it.
     """
     prune = ambiguous & split_last if split_last is not None else torch.zeros_like(ambiguous)
     if prune_unseen:
         prune = prune | (num_seen == 0)
-    split = ambiguous & ~prune if not last else torch.zeros_like(ambiguous)
+    candidates = ambiguous if hidden is None else ambiguous | hidden
+    split = candidates & ~prune if not last else torch.zeros_like(ambiguous)
     return prune, split
 
 
@@ -181,6 +187,8 @@ class CycleStats:
     """Of the pruned ones, those no view sees (only with prune_unseen)."""
     num_split: int
     num_after: int
+    num_hidden: int = 0
+    """Hidden Gaussians (Hs > hidden_theta, only with split_hidden) when the cycle started."""
 
     @property
     def ambiguous_fraction(self) -> float:
@@ -228,6 +236,17 @@ class GitDensityControl:
     the cluttered ablation scenes, 3 seeds, amodal object IoU of ``full`` / ``density_only``: 0.05:
     0.715 / 0.734; 0.5: 0.805 / 0.754; 2.0: 0.797 / 0.762 and +0.8 dB test PSNR
     (docs/benchmarks/pilot/README.md)."""
+    split_hidden: bool = False
+    """Also split the Gaussians that other surfaces partly hide in most views that see them
+    (``trace3d_ns.git.visibility``): those whose tails reach below the surface an object rests on,
+    which no training view constrains and an extracted object shows as a fringe along its contacts.
+    A child wholly under the support is then unseen and pruned (``prune_unseen``)."""
+    hidden_visible_share: float = 0.6
+    """With ``split_hidden``: a view partly hides a Gaussian when it draws less than this share of
+    what it would draw with nothing in front of it."""
+    hidden_theta: float = 0.5
+    """With ``split_hidden``: hidden when more than this share of the views that see it (traced
+    weight >= ``min_weight``, footprint inside the image) partly hide it."""
     seed: int = 0
     """Seed of the children's sampled means."""
 
@@ -278,7 +297,10 @@ class GitDensityControl:
         ambiguous = score > self.theta_as  # [N]
         last = cycle == self.cycles - 1
         num_visible = views_seeing(traces, self.unseen_weight)  # [N]
-        prune, split = plan_cycle(ambiguous, num_visible, split_last, last, self.prune_unseen)
+        hidden = None
+        if self.split_hidden:
+            hidden = self._hidden(pipeline, traces)  # [N]
+        prune, split = plan_cycle(ambiguous, num_visible, split_last, last, self.prune_unseen, hidden)
 
         params, optimizers, strategy_state = model.gauss_params, model.optimizers, model.strategy_state
         keep = prune_gaussians(params, optimizers, strategy_state, prune)  # [N - pruned]
@@ -301,9 +323,20 @@ class GitDensityControl:
             num_pruned_unseen=int((prune & (num_visible == 0)).sum()),
             num_split=num_split,
             num_after=model.num_points,
+            num_hidden=int(hidden.sum()) if hidden is not None else 0,
         )
         state.history.append(stats)
         return stats
+
+    def _hidden(self, pipeline, traces) -> Tensor:
+        """[N] bool: Hs > hidden_theta for the model's current Gaussians (``trace3d_ns.git.visibility``)."""
+        from trace3d_ns.git.visibility import HiddenConfig, hidden_scores, model_view_masses
+
+        dm = pipeline.datamanager
+        sizes = [tuple(m.shape) for m in dm.train_patch_maps()]
+        config = HiddenConfig(visible_share=self.hidden_visible_share, threshold=self.hidden_theta, min_weight=self.min_weight)
+        score, counted = hidden_scores(traces, model_view_masses(pipeline.model, dm.train_dataset.cameras, sizes), config)
+        return (score > self.hidden_theta) & (counted > 0)
 
 
 def save_history(state: DensityControlState, path: Path) -> None:
