@@ -217,6 +217,31 @@ def _project_one_view(
     )
 
 
+def _check_one_view(name: str, viewmat: Tensor, K: Tensor) -> None:
+    if viewmat.shape != (4, 4) or K.shape != (3, 3):
+        raise ValueError(
+            f"{name}() takes one view: viewmat [4, 4] and K [3, 3], got {list(viewmat.shape)} and {list(K.shape)}"
+        )
+
+
+def _project_view(
+    backend: str, means: Tensor, quats: Tensor, scales: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
+    eps2d: float, near_plane: float, far_plane: float, rasterize_mode: str,
+):
+    """(radii, means2d, depths, conics, compensations or None) of one camera ([1, N, ...]) on a
+    resolved backend: gsplat's fused projection, else :func:`_project_one_view`."""
+    if backend == "gsplat":
+        from gsplat.cuda._wrapper import fully_fused_projection
+
+        return fully_fused_projection(
+            means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d,
+            near_plane=near_plane, far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        )
+    return _project_one_view(
+        backend, means, quats, scales, viewmat, K, width, height, eps2d, near_plane, far_plane, rasterize_mode
+    )
+
+
 @torch.no_grad()
 def contributions(
     means: Tensor,  # [N, 3]
@@ -246,24 +271,20 @@ def contributions(
     from trace3d_ns.cuda.rasterization import pair_weights
     from trace3d_ns.cuda.tiles import intersect_tiles
 
-    if viewmat.shape != (4, 4) or K.shape != (3, 3):
-        raise ValueError(
-            f"contributions() takes one view: viewmat [4, 4] and K [3, 3], got {list(viewmat.shape)} and {list(K.shape)}"
-        )
+    _check_one_view("contributions", viewmat, K)
     backend = resolve_backend(backend, means.device)
     if backend == "gsplat" and indices_fn is None:
-        from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
+        from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles
         from gsplat.cuda._wrapper import rasterize_to_indices_in_range as indices_fn
 
-        radii, means2d, depths, conics, comp = fully_fused_projection(
-            means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d,
-            near_plane=near_plane, far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
+        radii, means2d, depths, conics, comp = _project_view(
+            "gsplat", means, quats, scales, viewmat, K, width, height, eps2d, near_plane, far_plane, rasterize_mode
         )
         tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
         _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th)
         offsets = isect_offset_encode(isect_ids, 1, tw, th)
     else:
-        radii, means2d, depths, conics, comp = _project_one_view(
+        radii, means2d, depths, conics, comp = _project_view(
             backend if indices_fn is None else "torch", means, quats, scales, viewmat, K, width, height, eps2d,
             near_plane, far_plane, rasterize_mode,
         )
@@ -324,22 +345,11 @@ def footprint_masses(
     the pixel grid sums to its integral within 1e-3). Comparing it with the weight the Gaussian
     actually draws (alpha * T, e.g. its traced weight) tells how much of it other surfaces hide.
     0 mass where culled or never drawn (o < 1/255)."""
-    if viewmat.shape != (4, 4) or K.shape != (3, 3):
-        raise ValueError(
-            f"footprint_masses() takes one view: viewmat [4, 4] and K [3, 3], got {list(viewmat.shape)} and {list(K.shape)}"
-        )
-    backend = resolve_backend(backend, means.device)
-    if backend == "gsplat":
-        from gsplat.cuda._wrapper import fully_fused_projection
-
-        radii, means2d, _, conics, comp = fully_fused_projection(
-            means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=eps2d,
-            near_plane=near_plane, far_plane=far_plane, calc_compensations=rasterize_mode == "antialiased",
-        )
-    else:
-        radii, means2d, _, conics, comp = _project_one_view(
-            backend, means, quats, scales, viewmat, K, width, height, eps2d, near_plane, far_plane, rasterize_mode
-        )
+    _check_one_view("footprint_masses", viewmat, K)
+    radii, means2d, _, conics, comp = _project_view(
+        resolve_backend(backend, means.device), means, quats, scales, viewmat, K, width, height, eps2d,
+        near_plane, far_plane, rasterize_mode,
+    )
     radii, means2d, conics = radii[0], means2d[0], conics[0].double()  # [N], [N, 2], [N, 3]
     opac = (opacities if comp is None else opacities * comp[0]).double()  # [N]
     det = conics[:, 0] * conics[:, 2] - conics[:, 1] ** 2  # [N] det of the inverse covariance

@@ -136,6 +136,14 @@ def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
     return model.instance_labels == label
 
 
+def within_instance(model, mask: Tensor, label: Optional[int]) -> Tensor:
+    """``mask`` [N] bool cut to the Gaussians carrying instance ``label``; unchanged when ``label`` is
+    None or the model has no labels (feature selection alone). [N] bool"""
+    if label is None or model.instance_labels.numel() != model.num_points:
+        return mask
+    return mask & (model.instance_labels == label)
+
+
 @torch.no_grad()
 def select_by_feature_within_instance(
     model, camera, xy: Tuple[float, float], threshold: float = FEATURE_THRESHOLD
@@ -149,8 +157,7 @@ def select_by_feature_within_instance(
     if model.instance_labels.numel() != model.num_points:
         raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
     query, label = pixel_feature_and_instance(model, camera, xy)
-    by_feature = select_by_feature(model, query, threshold)
-    return by_feature if label is None else by_feature & (model.instance_labels == label)
+    return within_instance(model, select_by_feature(model, query, threshold), label)
 
 
 def select_from_point(

@@ -62,6 +62,7 @@ from trace3d_ns.selection import (
     render_subset_alpha,
     select_by_feature,
     select_by_traced_feature,
+    within_instance,
 )
 
 if TYPE_CHECKING:
@@ -164,10 +165,8 @@ class InstanceViewerControls(torch.nn.Module):
                 self._traced_mask = (key, select_by_traced_feature(model, self._query, self.select_threshold.value))
             return self._traced_mask[1]
         if self._query is not None:
-            mask = select_by_feature(model, self._query, self.select_threshold.value)
-            if self._label is not None and model.instance_labels.numel() == model.num_points:
-                mask = mask & (model.instance_labels == self._label)  # feature_instance
-            return mask
+            # feature_instance keeps the clicked label (self._label); feature mode leaves it None
+            return within_instance(model, select_by_feature(model, self._query, self.select_threshold.value), self._label)
         if self._label is not None and model.instance_labels.numel() == model.num_points:
             return model.instance_labels == self._label
         return None

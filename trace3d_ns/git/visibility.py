@@ -51,18 +51,15 @@ def hidden_scores(traces: InstanceTraces, view_masses: ViewMasses, config: Hidde
     config = config or HiddenConfig()
     if not 0.0 < config.visible_share <= 1.0:
         raise ValueError(f"HiddenConfig.visible_share must be in (0, 1], got {config.visible_share}")
-    owner = traces.obs_gaussian()  # [O]
     weight = traces.obs_weight.float()  # [O]
-    views = traces.obs_view.long()  # [O]
     counted = torch.zeros(traces.num_gaussians, dtype=torch.long, device=traces.device)
     hidden = torch.zeros_like(counted)
     for v in range(traces.num_views):
         mass, in_frame = view_masses(v)  # [N], [N]
         if mass.shape[0] != traces.num_gaussians:
             raise ValueError(f"view {v}: masses of {mass.shape[0]} Gaussians for traces of {traces.num_gaussians}")
-        obs = torch.nonzero((views == v) & (weight >= config.min_weight)).squeeze(1)  # [o]
-        g = owner[obs]  # [o]
-        ok = in_frame[g] & (mass[g] > 0)  # [o]
+        obs, g = traces.view_observations(v)  # [o], [o]
+        ok = (weight[obs] >= config.min_weight) & in_frame[g] & (mass[g] > 0)  # [o]
         g, share = g[ok], weight[obs[ok]] / mass[g[ok]]  # [o'], [o']
         counted.index_add_(0, g, torch.ones_like(g))
         hidden.index_add_(0, g, (share < config.visible_share).long())
