@@ -128,3 +128,23 @@ def test_feature_instance_cuts_a_feature_leak_with_the_label_and_a_merged_label_
     model.instance_labels = torch.zeros(0, dtype=torch.long)
     with pytest.raises(EvaluationError, match="feature_instance needs instance labels"):
         resolve_mode(model, "feature_instance")
+
+
+def test_auto_selects_by_feature_within_the_instance_when_the_model_has_both():
+    from trace3d_ns.evaluation.harness import resolve_mode
+    from trace3d_ns.selection import auto_mode
+
+    model, cam = _two_cluster_model(), _camera(64, 48)
+    left = torch.arange(300) < 150
+    xy = _pixel_of(model, cam, left)
+    with torch.no_grad():  # one feature over both clusters: feature selection leaks onto the right one
+        model.gauss_params["features"][:] = torch.tensor([1.5] + [0.0] * 15)
+    assert auto_mode(model) == resolve_mode(model, "auto") == "feature_instance"
+    assert torch.equal(select_from_point(model, cam, xy), left)  # the label cuts the leak
+    model.instance_labels = torch.zeros(0, dtype=torch.long)  # no labels (GIT has not run): features alone
+    assert auto_mode(model) == resolve_mode(model, "auto") == "feature"
+    assert torch.equal(select_from_point(model, cam, xy), torch.ones(300, dtype=torch.bool))
+    model = _two_cluster_model()
+    del model.gauss_params["features"]  # no feature field: the labels
+    assert auto_mode(model) == "instance"
+    assert torch.equal(select_from_point(model, cam, xy), left)

@@ -101,6 +101,20 @@ def test_instance_mode_selects_by_label_even_with_features():
     assert controls.selection().sum() < 150  # the threshold applies again
 
 
+def test_auto_mode_cuts_a_feature_leak_with_the_clicked_label():
+    model, cam = _two_clusters(), _camera(W, H)
+    with torch.no_grad():  # one feature over both clusters: feature selection takes them both
+        model.gauss_params["features"][:] = torch.tensor([1.0] + [0.0] * (model.gauss_params["features"].shape[1] - 1))
+    controls = _controls(model)
+    controls.select_mode.value = "feature"
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert bool(controls.selection().all())
+    model.instance_labels = torch.where(LEFT, 7, 3)
+    controls.select_mode.value = "auto"  # features and labels: feature similarity within the clicked label
+    controls.on_click(_click_on(model, cam, LEFT), cam)
+    assert torch.equal(controls.selection(), LEFT)
+
+
 def test_traced_mode_selects_the_cluster_and_keeps_its_result_until_something_changes(monkeypatch):
     import trace3d_ns.viewer_controls as vc
 

@@ -11,7 +11,8 @@ GUI elements (attribute -> label; the viewer lists them alphabetically by attrib
 - `select_by_click` "Select object (click)": arms a one-shot click in the 3D view ("Selected"
   says so; while armed, dragging does not orbit the camera). Pressing it again re-arms, e.g.
   after a page reload.
-- `select_mode` "Select by": `auto` (features when the model has them, else instance labels),
+- `select_mode` "Select by": `auto` (`selection.auto_mode`: feature within the clicked instance
+  with features and labels, features alone before GIT has run, else instance labels),
   `feature` (similarity to the clicked pixel's rendered feature; only offered with a feature
   field), `traced` (that similarity per pixel of every training view, traced back: leaves out
   Gaussians straddling the border; renders the training views, so a click takes longer; its
@@ -55,6 +56,7 @@ from trace3d_ns.export.ply import PARAM_KEYS, write_gaussian_ply
 from trace3d_ns.features.palette import colorize_ids
 from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
+    auto_mode,
     camera_contributions,
     instance_at,
     pixel_feature,
@@ -130,8 +132,8 @@ class InstanceViewerControls(torch.nn.Module):
         self.select_mode = ViewerDropdown(
             "Select by", "auto",
             ["auto", "feature", "traced", "instance", "feature_instance"] if model.has_features else ["auto", "instance"],
-            hint="auto: feature similarity when the model has features, else instance labels; "
-                 "feature_instance: feature similarity within the clicked instance",
+            hint="auto: feature similarity within the clicked instance when the model has features and "
+                 "instance labels, feature similarity with features only, else instance labels",
         )  # fmt: skip
         self.select_status = ViewerText("Selected", "nothing", disabled=True)
         self.select_threshold = ViewerSlider(
@@ -175,17 +177,19 @@ class InstanceViewerControls(torch.nn.Module):
     def on_click(self, click: ViewerClick, camera: Cameras) -> None:
         """Select the object under `click.screen_pos` in `camera` (the viewer camera of the click).
 
-        In feature mode (`auto` with a feature field) the query is the rendered feature at the
-        click and the selection is every Gaussian within the similarity threshold. In instance mode
-        (`auto` without features) the instance label voted by blending weight at the click
-        (`instance_at`) selects its Gaussians. In feature_instance mode both are
-        kept: the feature selection within the clicked instance label.
+        In feature mode the query is the rendered feature at the click and the selection is every
+        Gaussian within the similarity threshold. In instance mode the instance label voted by
+        blending weight at the click (`instance_at`) selects its Gaussians. In feature_instance mode
+        both are kept: the feature selection within the clicked instance label. `auto` is
+        `selection.auto_mode` of the model at the click.
         """
         model = self._model
         xy = click_pixel(camera, click.screen_pos)
         mode = self.select_mode.value
+        if mode == "auto":
+            mode = auto_mode(model)
         try:
-            if mode in ("feature", "traced") or (mode == "auto" and model.has_features):
+            if mode in ("feature", "traced"):
                 self._query, self._label = pixel_feature(model, camera, xy), None
                 self._traced, self._traced_mask = mode == "traced", None
             elif mode == "feature_instance":  # without labels (or none at the click): feature selection

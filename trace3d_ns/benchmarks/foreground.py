@@ -33,8 +33,10 @@ import torch
 from trace3d_ns.benchmarks.ablation import cpu_train_command, is_trained, train_runs
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-MODES = ("feature", "instance", "feature_clusters")
-"""Selection modes measured: feature similarity, GIT's instance labels, labels from clustering the features."""
+MODES = ("feature", "instance", "feature_instance", "feature_clusters")
+"""Selection modes measured: feature similarity, GIT's instance labels, feature similarity within the
+clicked instance label (what `auto` selects on a model with both), labels from clustering the features
+(last: it replaces GIT's labels)."""
 
 
 @dataclass

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("auto", "feature", "instance", "traced", "feature_instance"), default="auto",
                    help="selection by feature similarity, instance label, feature predictions traced back "
                         "over the training views, or feature similarity within the clicked instance label "
-                        "(auto: features if the model has them)")
+                        "(auto: feature_instance with features and labels, feature with features only, else instance)")
     p.add_argument("--threshold", type=float, default=FEATURE_THRESHOLD, metavar="T",
                    help="feature selection: cosine-similarity threshold")
     p.add_argument("--kind", choices=("auto", "instances", "foreground", "alpha"), default="auto",

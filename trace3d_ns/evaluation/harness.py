@@ -61,8 +61,10 @@ from trace3d_ns.rendering import Contributions, rasterize
 from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
     SelectionMode,
+    auto_mode,
     camera_contributions,
     full_resolution_matrices,
+    has_instance_labels,
     render_subset_alpha,
     select_from_point,
     subset_share,
@@ -152,8 +154,8 @@ def reference_view(masks: Sequence[np.ndarray]) -> Optional[int]:
 # ---- selection and rendering --------------------------------------------------------------------
 def resolve_mode(model, mode: SelectionMode) -> Literal["feature", "instance", "traced", "feature_instance"]:
     """The selection mode `auto` stands for on this model; raises if the model cannot do `mode`."""
-    has_labels = model.instance_labels.numel() == model.num_points and model.num_points > 0
-    resolved = ("feature" if model.has_features else "instance") if mode == "auto" else mode
+    has_labels = has_instance_labels(model)
+    resolved = auto_mode(model) if mode == "auto" else mode
     if resolved in ("feature", "traced", "feature_instance") and not model.has_features:
         raise EvaluationError(f"--mode {resolved} needs a model with a feature field (feature_dim > 0)")
     if resolved in ("instance", "feature_instance") and not has_labels:
