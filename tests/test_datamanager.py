@@ -115,6 +115,10 @@ def test_next_train_carries_patches_and_cache_is_reused(tmp_path):
     assert source2.calls == 0
     for a, b in zip(maps, maps2):
         assert torch.equal(a, b)
+    # with each map, which of its patches one mask covers together (computed, then from the cache)
+    alike, alike2 = dm.train_patch_alike(), dm2.train_patch_alike()
+    for m, a, b in zip(maps, alike, alike2):
+        assert a.shape == (int(m.max()) + 1,) * 2 and np.array_equal(a, b) and (np.diag(a)[1:] == 1).all()
 
     # Later stages can store their own per-image maps in the same cache.
     consistent = [m * 0 + 7 for m in maps]

@@ -196,3 +196,25 @@ def test_splatfacto_downscale_factor():
     assert splatfacto_downscale_factor(0, 2, 3000) == 4
     assert splatfacto_downscale_factor(3000, 2, 3000) == 2
     assert splatfacto_downscale_factor(10000, 2, 3000) == 1
+
+
+def test_patch_mask_alike_marks_the_patches_one_mask_covers():
+    from trace3d_ns.data.patches import masks_to_patches, patch_mask_alike
+
+    masks = np.zeros((3, 4, 6), dtype=bool)
+    masks[0, :, :4] = True  # a whole over two parts
+    masks[1, :, :2] = True  # its left part
+    masks[2, :, 4:] = True  # another object
+    patches = masks_to_patches(masks)  # [[1 1 2 2 3 3], ...]
+    alike = patch_mask_alike(masks, patches)
+    expected = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=np.uint8)
+    assert np.array_equal(alike, expected)
+    # overlapping masks of two objects: each patch is alike to those sharing one of its masks
+    masks[2, :, 3:] = True  # the other object now overlaps the whole's last column
+    patches = masks_to_patches(masks)  # [[1 1 2 3 4 4], ...]: {W, P}, {W}, {W, X}, {X}
+    alike = patch_mask_alike(masks, patches)
+    expected = np.array(
+        [[0, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=np.uint8
+    )
+    assert np.array_equal(alike, expected)
+    assert np.array_equal(patch_mask_alike(np.zeros((0, 4, 6), dtype=bool), np.zeros((4, 6), np.int32)), np.zeros((1, 1)))

@@ -133,7 +133,16 @@ class Trace3DPipeline(VanillaPipeline):
         model = self.model
         traces = trace_model(model, dm.train_dataset.cameras, patch_maps, self.config.trace)
         merge = self.config.merge
-        result = consistent_instances(traces, patch_maps, merge)
+        alike = None
+        if merge.alike_by_masks:
+            alike = dm.train_patch_alike()
+            missing = sum(a is None for a in alike)
+            if missing:
+                CONSOLE.print(
+                    f"[yellow]{missing} of {len(alike)} patch maps came from a cache written without their masks' "
+                    "alike matrices: those views compare patch ids (delete the patch cache to recompute them)"
+                )
+        result = consistent_instances(traces, patch_maps, merge, alike)
         model.set_instances(result.gaussian_labels, result.gaussian_confidence, traces)
         if merge.refine:  # split impure patches and fill unmasked pixels with the rendered labels
             cameras, g = dm.train_dataset.cameras, model.activated_gaussians()

@@ -55,10 +55,12 @@ from trace3d_ns.data.mask_sources import (
     make_mask_source,
 )
 from trace3d_ns.data.sam2_source import Sam2MaskSourceConfig
-from trace3d_ns.data.patches import SmallPatchPolicy, masks_to_patches
+from trace3d_ns.data.patches import SmallPatchPolicy, masks_to_patches, patch_mask_alike
 
 PATCHES_KIND = "patches"
 """Cache kind of the patch maps."""
+ALIKE_KIND = "patch_alike"
+"""Cache kind of each patch map's ``patch_mask_alike`` matrix (same key as the patch maps)."""
 PATCH_FORMAT = 1
 """Bumped when the patching algorithm changes in a way that changes its output."""
 
@@ -123,6 +125,7 @@ class Trace3DDataManager(FullImageDatamanager):
         require_device(device)
         self._injected_mask_source = mask_source
         self._patches_key: Optional[str] = None
+        self._patch_alike: Optional[List[Optional[np.ndarray]]] = None  # per training image, see train_patch_alike
         self._image_stamps: Optional[List[str]] = None
         self._mask_cache: Optional[MapCache] = None
         super().__init__(
@@ -174,6 +177,13 @@ class Trace3DDataManager(FullImageDatamanager):
                 f"not test_mode={self.test_mode!r}."
             )
         return [cache["patches"] for cache in self.cached_train]
+
+    def train_patch_alike(self) -> List[Optional[np.ndarray]]:
+        """Per training image, which of its patches one mask covers together ([T + 1, T + 1] uint8,
+        ``patches.patch_mask_alike``), or None where the patch maps came from a cache written
+        without them."""
+        self.train_patch_maps()  # computes or loads the patches (and these)
+        return list(self._patch_alike) if self._patch_alike is not None else [None] * len(self.cached_train)
 
     def set_train_instance_maps(self, maps: Sequence[torch.Tensor]) -> None:
         """From now on every training batch also carries ``data["instances"]``: the image's consistent
@@ -288,6 +298,7 @@ class Trace3DDataManager(FullImageDatamanager):
         self._patches_key = MapCache.make_key(PATCHES_KIND, names, stamps, settings)
 
         checked = False
+        alike: List[Optional[np.ndarray]] = [None] * len(cached)
 
         def compute(i: int) -> np.ndarray:
             nonlocal checked
@@ -304,7 +315,9 @@ class Trace3DDataManager(FullImageDatamanager):
                 message = f"No masks for training image '{paths[i].name}': its patch map is all background (0)."
                 CONSOLE.print(f"[bold yellow]Warning: {message}")
                 warnings.warn(message, EmptyMasksWarning)
-            return masks_to_patches(masks, self.config.min_patch_area, self.config.small_patch_policy)  # [H, W]
+            patches = masks_to_patches(masks, self.config.min_patch_area, self.config.small_patch_policy)  # [H, W]
+            alike[i] = patch_mask_alike(masks, patches)  # [T + 1, T + 1]
+            return patches
 
         description = f"Computing {self.config.mask_source} masks / patches"
         try:
@@ -315,6 +328,9 @@ class Trace3DDataManager(FullImageDatamanager):
                 )
                 if hit:
                     CONSOLE.log(f"Loaded {len(maps)} cached patch maps from {cache.path(PATCHES_KIND, self._patches_key)}")
+                    alike = cache.load_maps(ALIKE_KIND, self._patches_key, names=names) or alike
+                else:
+                    cache.save_maps(ALIKE_KIND, self._patches_key, names, alike)
             else:
                 maps = compute_maps(len(cached), compute, description)
         finally:
@@ -322,6 +338,7 @@ class Trace3DDataManager(FullImageDatamanager):
                 source.close()
         for entry, patch_map in zip(cached, maps):
             entry["patches"] = torch.from_numpy(np.ascontiguousarray(patch_map, dtype=np.int32))  # [H, W] CPU
+        self._patch_alike = alike
 
     def _masks_for_cached_image(
         self, source: MaskSource, idx: int, image: torch.Tensor, path: Path

@@ -208,6 +208,31 @@ def masks_to_patches(
     return patches.astype(np.int32, copy=False)
 
 
+def patch_mask_alike(masks: Union[np.ndarray, torch.Tensor], patches: np.ndarray) -> np.ndarray:
+    """Which patches of a view one mask covers together: [T + 1, T + 1] uint8, 1 where patches p, q
+    > 0 share a mask covering more than half of each one's pixels (1 on the diagonal, 0 for patch 0).
+
+    A patch is the set of masks over its pixels, so the ids forget that SAM gave a whole over two of
+    its parts, or one mask over two touching objects: ``MergeConfig.alike_by_masks`` lets within-view
+    merging count such patches of another view as alike. ``patches`` is ``masks_to_patches``' map of
+    the same masks (small patches merged in keep the masks of the most of their pixels)."""
+    masks = _as_numpy_masks(masks)  # [K, H, W]
+    T = int(patches.max()) if patches.size else 0
+    alike = np.zeros((T + 1, T + 1), dtype=np.uint8)
+    if T == 0:
+        return alike
+    flat = patches.reshape(-1).astype(np.int64)  # [H*W]
+    area = np.bincount(flat, minlength=T + 1)  # [T + 1]
+    if masks.shape[0]:
+        covered = np.stack([np.bincount(flat, weights=m.reshape(-1), minlength=T + 1) for m in masks])  # [K, T + 1]
+        member = covered > 0.5 * area[None, :]  # [K, T + 1] mask k covers most of patch p
+        member[:, 0] = False
+        alike = (member.T.astype(np.int64) @ member.astype(np.int64) > 0).astype(np.uint8)  # [T + 1, T + 1]
+    idx = np.arange(1, T + 1)
+    alike[idx, idx] = 1
+    return alike
+
+
 def patch_downscale_size(height: int, width: int, factor: int) -> Tuple[int, int]:
     """Output size splatfacto trains at for a downscale factor: ``resize_image`` (a stride-d box
     filter) and ``Cameras.rescale_output_resolution(1/d)`` both give ``(H // d, W // d)``."""

@@ -101,7 +101,7 @@ def evaluate_scene(
     (merged patches, global ids) and the maps rendered from the per-Gaussian labels."""
     from PIL import Image
 
-    from trace3d_ns.data.patches import masks_to_patches
+    from trace3d_ns.data.patches import masks_to_patches, patch_mask_alike
     from dataclasses import replace
 
     from trace3d_ns.git.merging import MergeConfig, consistent_instances, refine_maps, render_label_map
@@ -118,12 +118,12 @@ def evaluate_scene(
     scene = surface_scene_from_dir(scene_dir, SurfaceGaussiansConfig(stride=stride))
     views = meta["train_views"]
     names = [meta["file_names"][v] for v in views]
-    patch_maps = [
-        torch.from_numpy(
-            masks_to_patches(np.load(scene_dir / meta["sam_masks_dir"] / f"{Path(n).stem}.npy"), min_patch_area)
-        )
-        for n in names
-    ]
+    patch_maps, alike = [], []
+    for n in names:
+        masks = np.load(scene_dir / meta["sam_masks_dir"] / f"{Path(n).stem}.npy")  # [K, H, W]
+        patches = masks_to_patches(masks, min_patch_area)  # [H, W]
+        patch_maps.append(torch.from_numpy(patches))
+        alike.append(patch_mask_alike(masks, patches))
     gt_dir = scene_dir / meta["gt_instances_dir"]
     gt_maps = [torch.from_numpy(np.asarray(Image.open(gt_dir / n), dtype=np.int64)) for n in names]
 
@@ -140,9 +140,9 @@ def evaluate_scene(
     traced_s = time.perf_counter() - start
     start = time.perf_counter()
     merge_config = merge_config or MergeConfig()
-    result = consistent_instances(traces, patch_maps, merge_config)
+    result = consistent_instances(traces, patch_maps, merge_config, alike)
     merge_s = time.perf_counter() - start
-    merged_ids = consistent_instances(traces, patch_maps, replace(merge_config, patch_ids="merged")).maps
+    merged_ids = consistent_instances(traces, patch_maps, replace(merge_config, patch_ids="merged"), alike).maps
     rendered, ceiling = [], []
     for v in views:  # one view's pairs at a time
         contrib = view_contributions(v)
@@ -208,9 +208,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--min-patch-area", type=int, default=8,
         help="patching: smaller patches (mask-jitter slivers) merge into a neighbour",
     )
+    parser.add_argument(
+        "--alike-by-masks", action="store_true",
+        help="merging: patches of another view that one mask covers together count as alike (MergeConfig.alike_by_masks)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(json.dumps(evaluate_scene(args.scene, stride=args.stride, min_patch_area=args.min_patch_area), indent=2))
+    from trace3d_ns.git.merging import MergeConfig
+
+    merge = MergeConfig(alike_by_masks=args.alike_by_masks)
+    print(json.dumps(evaluate_scene(args.scene, stride=args.stride, min_patch_area=args.min_patch_area, merge_config=merge), indent=2))
     return 0
 
 

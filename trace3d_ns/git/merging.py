@@ -86,7 +86,7 @@ The sparse products run on the CPU with scipy; the results come back on the stor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Literal, Sequence
+from typing import Callable, List, Literal, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -123,6 +123,14 @@ class MergeConfig:
     """A Gaussian is traced to its most probable patch when that probability is >= this."""
     merge_threshold: float = 0.5
     """theta: patches of one view merge when their multi-view similarity exceeds this."""
+    alike_by_masks: bool = False
+    """Within-view similarity counts two patches of another view as alike (not only one patch with
+    itself) when one mask covers both (``patches.patch_mask_alike``: SAM's whole object over parts the
+    patch ids keep apart, or one mask over two touching objects). Needs each view's matrix
+    (``consistent_instances(alike=...)``); views without one compare patch ids. Measured offline on
+    the cluttered scenes' perfect geometry (``python -m trace3d_ns.git.consistency --stride 2``, seeds
+    0-4, 3 and 4 held out), training maps' mean best-match IoU 0.726 -> 0.777, better on all five;
+    off until trained runs confirm it (docs/benchmarks/pilot/README.md)."""
     min_traced: int = 3
     """Patches (and segments) with fewer traced Gaussians (counted as ``count_weight_cap`` says) are kept
     as they are: no merge, no link."""
@@ -276,13 +284,20 @@ class ConsistentInstances:
 
 
 def consistent_instances(
-    traces: InstanceTraces, patch_maps: Sequence[Tensor], config: MergeConfig | None = None
+    traces: InstanceTraces,
+    patch_maps: Sequence[Tensor],
+    config: MergeConfig | None = None,
+    alike: Optional[Sequence[Optional[np.ndarray]]] = None,  # per view [T_v + 1, T_v + 1] (patch_mask_alike)
 ) -> ConsistentInstances:
-    """Merge patches within views, link them across views and label maps and Gaussians."""
+    """Merge patches within views, link them across views and label maps and Gaussians. ``alike``
+    (used when ``config.alike_by_masks``): each view's patches that one mask covers together."""
     config = config or MergeConfig()
     if len(patch_maps) != traces.num_views:
         raise ValueError(f"expected {traces.num_views} patch maps, got {len(patch_maps)}")
+    if alike is not None and len(alike) != traces.num_views:
+        raise ValueError(f"expected {traces.num_views} alike matrices (one per view), got {len(alike)}")
     t = _TraceArrays(traces, config)
+    t.alike = _alike_matrix(alike, t) if config.alike_by_masks and alike is not None else None
 
     traced = t.traced_matrix()  # [P, N]
     cotrace = _drop_same_view((traced @ t.distribution_matrix()).tocoo(), t.patch_view)  # [P, P]
@@ -440,6 +455,7 @@ class _TraceArrays:
     """The store's observations and entries as numpy arrays, with global patch indices."""
 
     def __init__(self, traces: InstanceTraces, config: MergeConfig) -> None:
+        self.alike: Optional[sp.csr_matrix] = None  # [P, P] patches one mask covers together (MergeConfig.alike_by_masks)
         self.num_gaussians = traces.num_gaussians
         self.num_views = traces.num_views
         num_patches = traces.num_patches.cpu().numpy()
@@ -493,6 +509,18 @@ def _drop_same_view(m: sp.coo_matrix, patch_view: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((m.data[keep], (m.row[keep], m.col[keep])), shape=m.shape)
 
 
+def _alike_matrix(alike: Sequence[Optional[np.ndarray]], t: "_TraceArrays") -> sp.csr_matrix:
+    """[P, P] over the global patches: each view's alike block (identity where a view has none or
+    one for another patch count), 0 across views."""
+    blocks = []
+    for v in range(t.num_views):
+        size = int(t.base[v + 1] - t.base[v])
+        a = alike[v]
+        ok = a is not None and np.asarray(a).shape == (size, size)
+        blocks.append(sp.csr_matrix(np.asarray(a, dtype=np.float64)) if ok else sp.identity(size, format="csr"))
+    return sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
+
+
 def _within_view_merges(
     cotrace: sp.csr_matrix,
     seen: np.ndarray,
@@ -511,9 +539,10 @@ def _within_view_merges(
             continue
         block = cotrace[lo:hi]
         cols = np.unique(block.indices)  # the patches of other views this view's patches reach
+        alike = None if t.alike is None else t.alike[cols][:, cols].toarray()  # [c, c]
         groups = _Groups(
             block[:, cols].toarray(), seen[lo:hi].copy(), informative[lo:hi].copy(), num_traced[lo:hi].copy(),
-            t.patch_view[cols], config,
+            t.patch_view[cols], config, alike,
         )
         edges.extend((lo + a, lo + b) for a, b in groups.merge_greedily())
     return np.array(edges, dtype=np.int64).T.reshape(2, -1)
@@ -524,10 +553,11 @@ class _Groups:
 
     def __init__(
         self, cotrace: np.ndarray, seen: np.ndarray, informative: np.ndarray, traced: np.ndarray,
-        col_view: np.ndarray, config: MergeConfig,
+        col_view: np.ndarray, config: MergeConfig, alike: Optional[np.ndarray] = None,
     ) -> None:
         self.c, self.n, self.m, self.traced = cotrace, seen, informative, traced  # [T, c], [T, L], [T, L], [T]
         self.col_view, self.config = col_view, config
+        self.alike = alike  # [c, c] columns one mask covers together, or None: a column is alike only to itself
         self.alive = traced >= config.min_traced  # [T] candidates
         self.sim = np.full((len(traced), len(traced)), -np.inf)  # [T, T] -inf: not mergeable
         rows = np.flatnonzero(self.alive)
@@ -543,11 +573,13 @@ class _Groups:
         if cfg.similarity == "views":
             where = usable[:, self.col_view]  # [T, c]
             mean = np.divide(self.c, self.m[:, self.col_view], out=np.zeros_like(self.c), where=where)
-            num, den = mean[a] @ mean[b].T, u[a] @ u[b].T
+            right = mean[b] if self.alike is None else mean[b] @ self.alike
+            num, den = mean[a] @ right.T, u[a] @ u[b].T
         else:
             masked = self.c * usable[:, self.col_view]
             mu = self.m * u
-            num, den = masked[a] @ masked[b].T, mu[a] @ mu[b].T
+            right = masked[b] if self.alike is None else masked[b] @ self.alike
+            num, den = masked[a] @ right.T, mu[a] @ mu[b].T
         views = u[a] @ u[b].T
         sim = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
         return np.where(views >= cfg.min_views, sim, -np.inf)
