@@ -78,3 +78,26 @@ def test_instance_tracing_labels_gaussians_and_feeds_training(pipeline):
     assert any(len(a & b) > 0 for a, b in zip(ids_per_view, ids_per_view[1:]))
     cached = list(Path(pipeline.datamanager.mask_cache.root).glob("consistent-*"))
     assert len(cached) == 1
+
+
+def test_instance_tracing_hands_the_masks_alike_matrices_to_merging_when_asked(pipeline, monkeypatch):
+    import trace3d_ns.git.merging as merging
+
+    seen = {}
+    original = merging.consistent_instances
+
+    def spy(traces, patch_maps, config=None, alike=None):
+        seen["alike"], seen["config"] = alike, config
+        return original(traces, patch_maps, config, alike)
+
+    monkeypatch.setattr(merging, "consistent_instances", spy)
+    merge = pipeline.config.merge
+    monkeypatch.setattr(merge, "alike_by_masks", True)
+    pipeline.run_instance_tracing(step=0)
+    maps = pipeline.datamanager.train_patch_maps()
+    assert seen["config"].alike_by_masks and len(seen["alike"]) == len(maps)
+    for m, a in zip(maps, seen["alike"]):
+        assert a.shape == (int(m.max()) + 1,) * 2
+    monkeypatch.setattr(merge, "alike_by_masks", False)
+    pipeline.run_instance_tracing(step=0)
+    assert seen["alike"] is None
