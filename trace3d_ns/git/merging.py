@@ -129,8 +129,9 @@ class MergeConfig:
     patch ids keep apart, or one mask over two touching objects). Needs each view's matrix
     (``consistent_instances(alike=...)``); views without one compare patch ids. Measured offline on
     the cluttered scenes' perfect geometry (``python -m trace3d_ns.git.consistency --stride 2``, seeds
-    0-4, 3 and 4 held out), training maps' mean best-match IoU 0.726 -> 0.777, better on all five;
-    off until trained runs confirm it (docs/benchmarks/pilot/README.md)."""
+    0-4, 3 and 4 held out), training maps' mean best-match IoU 0.726 -> 0.777, better on all five; on
+    the trained ``full`` runs of seeds 0-2 no gain (feature selection's amodal IoU 0.797 -> 0.795), so
+    off (docs/benchmarks/pilot/README.md)."""
     min_traced: int = 3
     """Patches (and segments) with fewer traced Gaussians (counted as ``count_weight_cap`` says) are kept
     as they are: no merge, no link."""
