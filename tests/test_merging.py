@@ -27,14 +27,14 @@ def _view(groups: list[list[int]]) -> tuple[Contributions, torch.Tensor]:
     return contrib, torch.arange(len(groups) + 1, dtype=torch.int32)[None]
 
 
-def _run(views: list[list[list[int]]], config: MergeConfig | None = None):
+def _run(views: list[list[list[int]]], config: MergeConfig | None = None, alike=None):
     acc = TraceAccumulator(N, len(views))
     maps = []
     for v, groups in enumerate(views):
         contrib, patch_map = _view(groups)
         acc.add_view(v, contrib, patch_map)
         maps.append(patch_map)
-    return consistent_instances(acc.build(), maps, config or MergeConfig(min_traced=3))
+    return consistent_instances(acc.build(), maps, config or MergeConfig(min_traced=3), alike)
 
 
 def _whole() -> list[list[int]]:
@@ -475,16 +475,6 @@ def test_negative_count_weight_cap_is_refused():
         consistent_instances(acc.build(), [patch_map], MergeConfig(count_weight_cap=-1.0))
 
 
-def _run_with_alike(views, alike, config: MergeConfig):
-    acc = TraceAccumulator(N, len(views))
-    maps = []
-    for v, groups in enumerate(views):
-        contrib, patch_map = _view(groups)
-        acc.add_view(v, contrib, patch_map)
-        maps.append(patch_map)
-    return consistent_instances(acc.build(), maps, config, alike)
-
-
 def test_parts_that_one_mask_covers_in_other_views_merge_when_asked():
     # Every view splits A in two patches (its parts), which a mask of the whole covers together:
     # the patch ids alone never show the parts as one, the masks do.
@@ -496,17 +486,17 @@ def test_parts_that_one_mask_covers_in_other_views_merge_when_asked():
         a[0, 0] = 0
         a[1, 2] = a[2, 1] = 1  # the whole of A over its two parts
         alike.append(a)
-    plain = _run_with_alike(views, alike, MergeConfig(min_traced=3))  # alike_by_masks off: ids only
+    plain = _run(views, MergeConfig(min_traced=3), alike)  # alike_by_masks off: ids only
     lut = plain.patch_to_global[0]
     assert lut[1] != lut[2]
-    merged = _run_with_alike(views, alike, MergeConfig(min_traced=3, alike_by_masks=True))
+    merged = _run(views, MergeConfig(min_traced=3, alike_by_masks=True), alike)
     for v in range(6):
         lut = merged.patch_to_global[v]
         assert lut[1] == lut[2] != 0  # A's parts are one instance
         assert len({int(lut[1]), int(lut[3]), int(lut[4])}) == 3  # A, B, C stay apart
     assert merged.stats.num_instances == 3
     identity = [None] * 6  # no matrices (e.g. an old cache): patch ids, as without the option
-    assert torch.equal(_run_with_alike(views, identity, MergeConfig(min_traced=3, alike_by_masks=True)).gaussian_labels,
+    assert torch.equal(_run(views, MergeConfig(min_traced=3, alike_by_masks=True), identity).gaussian_labels,
                        plain.gaussian_labels)
     with pytest.raises(ValueError, match="alike matrices"):
-        _run_with_alike(views, alike[:5], MergeConfig(min_traced=3, alike_by_masks=True))
+        _run(views, MergeConfig(min_traced=3, alike_by_masks=True), alike[:5])
