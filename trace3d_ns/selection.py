@@ -94,13 +94,17 @@ def instance_at(model, camera, xy: Tuple[float, float]) -> Optional[int]:
     return _voted_instance(model, *pixel_weights(model, camera, xy))
 
 
+def has_instance_labels(model) -> bool:
+    """Every Gaussian carries an instance label (Gaussian Instance Tracing ran on these Gaussians)."""
+    return 0 < model.num_points == model.instance_labels.numel()
+
+
 @torch.no_grad()
 def pixel_feature_and_instance(model, camera, xy: Tuple[float, float]) -> Tuple[Tensor, Optional[int]]:
     """(rendered feature [D], voted instance label) at pixel xy from one pass over the view; the label
     is None when the model has no labels or no labelled Gaussian renders the pixel."""
     ids, w = pixel_weights(model, camera, xy)
-    labelled = model.instance_labels.numel() == model.num_points
-    return _blended_feature(model, ids, w, xy), _voted_instance(model, ids, w) if labelled else None
+    return _blended_feature(model, ids, w, xy), _voted_instance(model, ids, w) if has_instance_labels(model) else None
 
 
 @torch.no_grad()
@@ -139,7 +143,7 @@ def select_by_instance(model, camera, xy: Tuple[float, float]) -> Tensor:
 def within_instance(model, mask: Tensor, label: Optional[int]) -> Tensor:
     """``mask`` [N] bool cut to the Gaussians carrying instance ``label``; unchanged when ``label`` is
     None or the model has no labels (feature selection alone). [N] bool"""
-    if label is None or model.instance_labels.numel() != model.num_points:
+    if label is None or not has_instance_labels(model):
         return mask
     return mask & (model.instance_labels == label)
 
@@ -154,15 +158,10 @@ def select_by_feature_within_instance(
     Gaussian Instance Tracing's multi-view-consistent labels cut that leak, and the features cut
     what a merged label would add. Where no labelled Gaussian renders the pixel, feature selection
     alone. [N] bool"""
-    if model.instance_labels.numel() != model.num_points:
+    if not has_instance_labels(model):
         raise ValueError("the model has no instance labels for its Gaussians (run Gaussian Instance Tracing first)")
     query, label = pixel_feature_and_instance(model, camera, xy)
     return within_instance(model, select_by_feature(model, query, threshold), label)
-
-
-def has_instance_labels(model) -> bool:
-    """Every Gaussian carries an instance label (Gaussian Instance Tracing ran on these Gaussians)."""
-    return 0 < model.num_points == model.instance_labels.numel()
 
 
 def auto_mode(model) -> str:
@@ -170,7 +169,8 @@ def auto_mode(model) -> str:
     `feature_instance` (feature similarity within the clicked instance); with features alone,
     `feature`; else `instance`. Measured on the cluttered scenes (five seeds, GIT's default method):
     feature within instance was never below feature selection and up to 6.6 points of amodal object
-    IoU above it; on DTU scan 37 the two were within 0.2 (BENCHMARKS.md, README "Selection")."""
+    IoU above it; on DTU scan 37 the two were within 0.2 (docs/benchmarks/pilot/README.md, "What
+    `auto` selects")."""
     if "features" in model.gauss_params:
         return "feature_instance" if has_instance_labels(model) else "feature"
     return "instance"

@@ -58,6 +58,7 @@ from trace3d_ns.selection import (
     FEATURE_THRESHOLD,
     auto_mode,
     camera_contributions,
+    has_instance_labels,
     instance_at,
     pixel_feature,
     pixel_feature_and_instance,
@@ -169,7 +170,7 @@ class InstanceViewerControls(torch.nn.Module):
         if self._query is not None:
             # feature_instance keeps the clicked label (self._label); feature mode leaves it None
             return within_instance(model, select_by_feature(model, self._query, self.select_threshold.value), self._label)
-        if self._label is not None and model.instance_labels.numel() == model.num_points:
+        if self._label is not None and has_instance_labels(model):
             return model.instance_labels == self._label
         return None
 
@@ -303,7 +304,7 @@ class InstanceViewerControls(torch.nn.Module):
             if not model.feature_pca.fitted:
                 self.on_pca_refit()
             extra["feature_pca"] = model.feature_pca.project(outputs["feature"])
-        if 0 < model.instance_labels.numel() == model.num_points:
+        if has_instance_labels(model):
             if self.displayed("instance"):
                 extra["instance"] = colorize_ids(top_instance_ids(model, camera))
             else:

@@ -298,7 +298,7 @@ def consistent_instances(
     if alike is not None and len(alike) != traces.num_views:
         raise ValueError(f"expected {traces.num_views} alike matrices (one per view), got {len(alike)}")
     t = _TraceArrays(traces, config)
-    t.alike = _alike_matrix(alike, t) if config.alike_by_masks and alike is not None else None
+    alike_all = _alike_matrix(alike, t) if config.alike_by_masks and alike is not None else None  # [P, P]
 
     traced = t.traced_matrix()  # [P, N]
     cotrace = _drop_same_view((traced @ t.distribution_matrix()).tocoo(), t.patch_view)  # [P, P]
@@ -309,7 +309,7 @@ def consistent_instances(
     num_traced = np.asarray(traced.sum(axis=1)).ravel()  # [P]
     candidate = (num_traced >= config.min_traced) & (t.patch_local > 0)  # [P]
 
-    merge_edges = _within_view_merges(cotrace, seen, informative, num_traced, t, config)  # [2, m]
+    merge_edges = _within_view_merges(cotrace, seen, informative, num_traced, t, config, alike_all)  # [2, m]
     segment = union_find(t.num_nodes, torch.from_numpy(merge_edges)).numpy()  # [P] root patch
     real = t.patch_local > 0  # [P] patch 0 of a view is no instance
     linkable = np.ones(t.num_nodes, dtype=bool)  # [P] by segment root
@@ -456,7 +456,6 @@ class _TraceArrays:
     """The store's observations and entries as numpy arrays, with global patch indices."""
 
     def __init__(self, traces: InstanceTraces, config: MergeConfig) -> None:
-        self.alike: Optional[sp.csr_matrix] = None  # [P, P] patches one mask covers together (MergeConfig.alike_by_masks)
         self.num_gaussians = traces.num_gaussians
         self.num_views = traces.num_views
         num_patches = traces.num_patches.cpu().numpy()
@@ -529,6 +528,7 @@ def _within_view_merges(
     num_traced: np.ndarray,
     t: "_TraceArrays",
     config: MergeConfig,
+    alike: Optional[sp.csr_matrix] = None,  # [P, P] global patches one mask covers together, or None
 ) -> np.ndarray:
     """Greedy average-linkage merging inside every view; returns the merge edges [2, m] (global
     patch indices). A merged group's ``C`` row and counts are the sums of its members', so a sliver
@@ -540,10 +540,9 @@ def _within_view_merges(
             continue
         block = cotrace[lo:hi]
         cols = np.unique(block.indices)  # the patches of other views this view's patches reach
-        alike = None if t.alike is None else t.alike[cols][:, cols].toarray()  # [c, c]
         groups = _Groups(
             block[:, cols].toarray(), seen[lo:hi].copy(), informative[lo:hi].copy(), num_traced[lo:hi].copy(),
-            t.patch_view[cols], config, alike,
+            t.patch_view[cols], config, None if alike is None else alike[cols][:, cols].toarray(),
         )
         edges.extend((lo + a, lo + b) for a, b in groups.merge_greedily())
     return np.array(edges, dtype=np.int64).T.reshape(2, -1)
