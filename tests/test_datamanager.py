@@ -119,6 +119,11 @@ def test_next_train_carries_patches_and_cache_is_reused(tmp_path):
     alike, alike2 = dm.train_patch_alike(), dm2.train_patch_alike()
     for m, a, b in zip(maps, alike, alike2):
         assert a.shape == (int(m.max()) + 1,) * 2 and np.array_equal(a, b) and (np.diag(a)[1:] == 1).all()
+    # and every training batch carries its image's matrix (for the contrastive loss), from either run
+    for manager, matrices in ((dm, alike), (dm2, alike2)):
+        _, served = manager.next_train(1)
+        assert served["patch_alike"].dtype == torch.bool
+        assert np.array_equal(served["patch_alike"].numpy(), matrices[served["image_idx"]] > 0)
 
     # Later stages can store their own per-image maps in the same cache.
     consistent = [m * 0 + 7 for m in maps]

@@ -53,6 +53,48 @@ def test_fast_loss_and_gradient_equal_the_autograd_reference(m, d, tau, num_labe
     assert float(grad_ref.abs().max()) > 0
 
 
+@pytest.mark.parametrize("tau,spread,fallback", [(1.0, 0.7, False), (1.0, 6.0, True)])
+def test_fast_loss_with_alike_labels_equals_the_reference(tau, spread, fallback, monkeypatch):
+    """Pairs of labels marked alike leave each other's denominators, on the fast path and on the
+    reference it falls back to."""
+    import trace3d_ns.features.contrastive as module
+
+    calls = []
+    monkeypatch.setattr(module, "contrastive_loss_reference", lambda *a: calls.append(1) or contrastive_loss_reference(*a))
+    g = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 9, (300,), generator=g)
+    alike = torch.rand(9, 9, generator=g) < 0.3
+    alike = (alike | alike.T).fill_diagonal_(True)
+    alike[0, 1:] = alike[1:, 0] = False  # unlabelled pixels are alike with nothing
+    f = (torch.randn(300, 16, generator=g) * spread).requires_grad_(True)
+    fast = contrastive_loss(f, labels, tau, alike)
+    (grad_fast,) = torch.autograd.grad(fast, f)
+    assert bool(calls) == fallback
+    ref = contrastive_loss_reference(f, labels, tau, alike)
+    (grad_ref,) = torch.autograd.grad(ref, f)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-4, atol=2e-5 * float(grad_ref.abs().max()))
+    plain = contrastive_loss_reference(f, labels, tau)
+    assert fast < plain  # fewer negatives in every denominator that had an alike pair
+
+
+def test_alike_labels_are_no_negatives():
+    """A whole object's mask over two parts: with the parts alike, features that put both parts at
+    one point cost nothing; without, the parts still push each other away."""
+    labels = torch.tensor([1, 1, 2, 2, 3, 3])
+    f = torch.zeros(6, 4)
+    f[4:, 0] = 10.0  # label 3 far away
+    alike = torch.eye(4, dtype=torch.bool)
+    alike[1, 2] = alike[2, 1] = True
+    for loss_fn in (contrastive_loss, contrastive_loss_reference):
+        assert float(loss_fn(f, labels, 1.0, alike)) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss_fn(f, labels, 1.0)) > 0.5  # log 3 for the anchors of labels 1 and 2
+    with pytest.raises(ValueError, match="labels must lie in"):
+        contrastive_loss(f, labels, 1.0, alike[:3, :3])
+    with pytest.raises(ValueError, match="square"):
+        contrastive_loss(f, labels, 1.0, alike[:, :3])
+
+
 def test_fast_loss_takes_the_gradient_of_the_upstream_scale():
     """loss * w backpropagates w times the gradient (the model weights the loss), on both paths."""
     g = torch.Generator().manual_seed(5)
@@ -181,6 +223,30 @@ def test_features_render_train_and_leave_geometry_alone():
     losses["contrastive_loss"].backward()
     assert model.gauss_params["features"].grad.abs().sum() > 0
     assert model.means.grad is None or model.means.grad.abs().sum() == 0  # detached geometry by default
+
+
+def test_model_leaves_alike_patches_out_of_the_loss_when_configured():
+    """``contrastive_alike_by_masks``: two raw patches one mask covers together are no negatives
+    (a lower loss on the same samples); with consistent instance maps the matrix is not used."""
+    model, _ = _trained_model()
+    model.train()
+    torch.manual_seed(0)
+    out = model.get_outputs(_camera())
+    patches = torch.zeros(30, 40, dtype=torch.int32)
+    patches[:, :20], patches[:, 20:30], patches[:, 30:] = 1, 2, 3
+    alike = torch.eye(4, dtype=torch.bool)
+    alike[1, 2] = alike[2, 1] = True
+    batch = {"image": torch.rand(30, 40, 3), "patches": patches, "patch_alike": alike}
+    model._pick_contrastive_pixels = lambda labels: sample_labelled_pixels(labels, 60, torch.Generator().manual_seed(3))
+
+    def loss(b):
+        return float(model.get_loss_dict(out, b)["contrastive_loss"])
+
+    plain = loss(batch)
+    model.config.contrastive_alike_by_masks = True
+    assert loss(batch) < plain
+    assert loss({k: v for k, v in batch.items() if k != "patch_alike"}) == pytest.approx(plain)  # an old cache
+    assert loss({**batch, "instances": patches}) == pytest.approx(plain)  # consistent maps: no matrix
 
 
 def test_model_samples_balanced_when_configured():

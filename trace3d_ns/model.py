@@ -85,6 +85,13 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     """With `contrastive_balanced` off: every instance of the view first gets this many of the loss's
     labelled samples (all its pixels when it has fewer), the rest uniform. A thin object then has
     positives in every step while large objects keep most of their uniform share; 0: uniform."""
+    contrastive_alike_by_masks: bool = False
+    """While the features learn from the raw patches (before GIT's consistent maps, or without
+    them), two patches of a view that one mask covers together (``data["patch_alike"]``: a whole
+    object over its parts, or one mask over touching objects) are not each other's negatives in the
+    contrastive loss. Without it the loss pushes an object's parts apart in every view where the
+    masks also split it, and only GIT's consistent maps tie them again. Consistent maps are used
+    as they are."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
@@ -128,7 +135,7 @@ class Trace3DModel(SplatfactoModel):
             require_gsplat_cuda()  # a clear message now, not an AttributeError at the first render
         super().__init__(*args, **kwargs)
         self._contrastive_batch: Optional[Dict[str, Tensor]] = None  # planned by the pipeline for the next render
-        self._contrastive_sample: Optional[Tuple[Tensor, Tensor]] = None  # (picked, labels) of that render
+        self._contrastive_sample: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None  # (picked, labels, alike) of that render
         if device.type == "cpu" and self.config.cpu_threads > 0:
             torch.set_num_threads(self.config.cpu_threads)
         if device.type == "cpu" and self.config.cpu_keep_freed_memory:
@@ -411,10 +418,18 @@ class Trace3DModel(SplatfactoModel):
         if labels is None:
             return None
         picked = self._pick_contrastive_pixels(labels)  # [M]
-        self._contrastive_sample = (picked, labels.reshape(-1)[picked])
+        self._contrastive_sample = (picked, labels.reshape(-1)[picked], self._contrastive_alike(batch))
         wanted = torch.zeros(height * width, dtype=torch.bool, device=labels.device)
         wanted[picked] = True
         return wanted.reshape(1, height, width)
+
+    def _contrastive_alike(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+        """[T + 1, T + 1] bool: the batch's patches that one mask covers together, when the loss
+        learns from raw patches and ``contrastive_alike_by_masks`` is on; else None."""
+        if not self.config.contrastive_alike_by_masks or "instances" in batch:
+            return None
+        alike = batch.get("patch_alike")
+        return None if alike is None else alike.to(self.device)
 
     def _pick_contrastive_pixels(self, labels: Tensor) -> Tensor:
         return sample_labelled_pixels(
@@ -424,18 +439,18 @@ class Trace3DModel(SplatfactoModel):
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        sample, self._contrastive_sample = self._contrastive_sample, None  # planned (picked, labels)
+        sample, self._contrastive_sample = self._contrastive_sample, None  # planned (picked, labels, alike)
         if "feature" not in outputs or not self.training:
             return loss_dict
         if sample is None:
             labels = self.training_labels(batch)
             if labels is not None:
                 picked = self._pick_contrastive_pixels(labels)
-                sample = (picked, labels.reshape(-1)[picked])
+                sample = (picked, labels.reshape(-1)[picked], self._contrastive_alike(batch))
         if sample is not None:
-            picked, labels = sample
+            picked, labels, alike = sample
             features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
-            loss = contrastive_loss(features, labels, self.config.contrastive_temperature)
+            loss = contrastive_loss(features, labels, self.config.contrastive_temperature, alike)
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
 

@@ -7,7 +7,9 @@ On top of nerfstudio's ``FullImageDatamanager`` it
 2. turns them into a disjoint patch map (:func:`trace3d_ns.data.patches.masks_to_patches`), and
 3. stores it in each cached train dict under ``"patches"`` (int32 [H, W], CPU), so
    ``next_train`` returns it as ``data["patches"]``. It is deliberately *not* ``"mask"``:
-   splatfacto multiplies its loss by ``batch["mask"]``.
+   splatfacto multiplies its loss by ``batch["mask"]``. Beside it, ``"patch_alike"`` (bool
+   [T + 1, T + 1], :func:`trace3d_ns.data.patches.patch_mask_alike`): which of the image's patches
+   one mask covers together (absent for patch maps from a cache written without it).
 
 Masks are computed only when the datamanager is set up for training (``test_mode="val"``, which
 is what ``ns-train`` uses); ``ns-viewer`` ("test") and ``ns-export`` ("inference") never compute
@@ -336,8 +338,10 @@ class Trace3DDataManager(FullImageDatamanager):
         finally:
             if source is not self._injected_mask_source:
                 source.close()
-        for entry, patch_map in zip(cached, maps):
+        for entry, patch_map, alike_map in zip(cached, maps, alike):
             entry["patches"] = torch.from_numpy(np.ascontiguousarray(patch_map, dtype=np.int32))  # [H, W] CPU
+            if alike_map is not None and alike_map.shape[0] > int(patch_map.max(initial=0)):
+                entry["patch_alike"] = torch.from_numpy(np.asarray(alike_map) > 0)  # [T + 1, T + 1] CPU
         self._patch_alike = alike
 
     def _masks_for_cached_image(

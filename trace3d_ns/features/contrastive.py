@@ -10,6 +10,13 @@ large background splat) gets its feature trained solely by the object pixels it 
 their borders, and is pulled to that object: feature selection then extracts it with the object.
 Pixels whose label appears once in the sample have no positive and are skipped as anchors.
 
+With ``alike`` (a [L, L] bool matrix over label values), pairs of different labels that it marks
+alike are left out of each other's denominators: neither positives nor negatives. For raw SAM
+patches, ``patches.patch_mask_alike`` marks two patches that one mask covers together: a whole
+object over its parts splits the object into patches, and without it the loss pushes the parts'
+features apart in every view where SAM also gave the parts; the whole's mask says they may be one
+object, and the views that separate them still do so.
+
 `contrastive_loss` is the fast path: one autograd node on the pixels sorted by label, whose
 [M, M] work is one matrix product, a clamp, an exp and a row sum forward and two products
 backward (see `_Contrastive`), instead of the dozens of [M, M] passes autograd makes through two
@@ -111,9 +118,26 @@ def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tenso
     return (positive, has_positive) if has_positive.any() else None
 
 
-def contrastive_loss_reference(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive); autograd
-    through two logsumexps (the reference of `contrastive_loss`)."""
+def ignored_pairs(rows: Tensor, cols: Tensor, alike: Optional[Tensor]) -> Optional[Tensor]:
+    """[R, C] bool: the (row, column) pixel pairs of different labels that ``alike`` [L, L] marks
+    alike (left out of the loss), or None without ``alike``."""
+    if alike is None:
+        return None
+    L = alike.shape[0]
+    if alike.dim() != 2 or alike.shape[1] != L:
+        raise ValueError(f"alike must be a square [L, L] matrix, got {tuple(alike.shape)}")
+    top = int(max(rows.max(), cols.max())) if rows.numel() and cols.numel() else -1
+    if top >= L or (rows.numel() and int(rows.min()) < 0) or (cols.numel() and int(cols.min()) < 0):
+        raise ValueError(f"labels must lie in [0, {L}) to index alike [{L}, {L}], got up to {top}")
+    alike = alike.to(device=rows.device, dtype=torch.bool)
+    return alike[rows[:, None], cols[None, :]] & (rows[:, None] != cols[None, :])  # [R, C]
+
+
+def contrastive_loss_reference(
+    features: Tensor, labels: Tensor, temperature: float, alike: Optional[Tensor] = None
+) -> Tensor:
+    """features [M, D], labels [M] (0: negative only), alike [L, L] or None -> scalar loss (0 when no
+    pixel has a positive); autograd through two logsumexps (the reference of `contrastive_loss`)."""
     pairs = _positives(features, labels)
     if pairs is None:
         return features.sum() * 0.0
@@ -122,6 +146,9 @@ def contrastive_loss_reference(features: Tensor, labels: Tensor, temperature: fl
     # logits = -tau ||f_u - f_u'||^2 = 2 tau f_u . f_u' - tau |f_u|^2 - tau |f_u'|^2, in one addmm
     logits = torch.addmm(-temperature * (sq[:, None] + sq[None, :]), features, features.T, alpha=2.0 * temperature)
     logits = logits.fill_diagonal_(float("-inf"))  # [M, M] u' != u
+    ignored = ignored_pairs(labels, labels, alike)
+    if ignored is not None:
+        logits = logits.masked_fill(ignored, float("-inf"))  # [M, M] alike pairs are no negatives
     log_all = torch.logsumexp(logits, dim=1)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
     return -(log_pos - log_all)[has_positive].mean()
@@ -155,7 +182,7 @@ class _Contrastive(torch.autograd.Function):
     """The loss with its gradient written out, on features sorted by label so that the positives of
     an anchor are the other rows of its label's block. With A_i = [f_i, |f_i|^2, 1] and
     B_j = [2 tau f_j, -tau, -tau |f_j|^2], the logits are one product A B^T, E = exp(logits) (0 on the
-    diagonal), s_i = sum_j E_ij, p_i = the same over i's block:
+    diagonal and on the pairs `alike` leaves out), s_i = sum_j E_ij, p_i = the same over i's block:
 
         loss = -mean_anchors (log p_i - log s_i)
         G = dL/dlogits = diag(a) E - diag(b) (E on the blocks),   a = w / s, b = w / p, w = grad / n on anchors
@@ -169,7 +196,7 @@ class _Contrastive(torch.autograd.Function):
     this is not exact (see ``_MIN_ROW_SUM``) take the reference."""
 
     @staticmethod
-    def forward(ctx, features, labels, order, blocks, temperature):
+    def forward(ctx, features, labels, order, blocks, temperature, alike):
         f = features[order]  # [M, D] sorted by label
         sq = (f * f).sum(dim=1, keepdim=True)  # [M, 1]
         ones = torch.ones_like(sq)
@@ -178,6 +205,9 @@ class _Contrastive(torch.autograd.Function):
         first = blocks[0][0]  # rows before it are never anchors
         E = torch.mm(A[first:], B.T).clamp_(min=_FLOOR).exp_()  # [M - first, M]
         E[:, first:].fill_diagonal_(0.0)  # u' != u
+        if alike is not None:
+            sorted_labels = labels[order]  # [M]
+            E.masked_fill_(ignored_pairs(sorted_labels[first:], sorted_labels, alike), 0.0)  # alike: no negatives
         s = E.sum(dim=1)  # [M - first]
         p = torch.zeros_like(s)
         for start, end in blocks:
@@ -190,7 +220,7 @@ class _Contrastive(torch.autograd.Function):
         if ctx.fallback:
             with torch.enable_grad():
                 detached = features.detach().requires_grad_(True)
-                loss = contrastive_loss_reference(detached, labels, temperature)
+                loss = contrastive_loss_reference(detached, labels, temperature, alike)
                 (grad,) = torch.autograd.grad(loss, detached)
             ctx.save_for_backward(grad)
             return loss.detach()
@@ -204,7 +234,7 @@ class _Contrastive(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.fallback:
             (g,) = ctx.saved_tensors
-            return g * grad, None, None, None, None
+            return g * grad, None, None, None, None, None
         order, f, A, B, E, a, b = ctx.saved_tensors  # E [R, M], a and b [R]: the rows from `first` on
         first = ctx.first
         a, b = a * grad, b * grad  # [R]
@@ -222,14 +252,17 @@ class _Contrastive(torch.autograd.Function):
         df = dA[:, :D] + 2.0 * tau * dB[:, :D] + 2.0 * f * (dA[:, D : D + 1] - tau * dB[:, D + 1 : D + 2])  # [M, D]
         out = torch.empty_like(df)
         out[order] = df
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
-def contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive)."""
+def contrastive_loss(features: Tensor, labels: Tensor, temperature: float, alike: Optional[Tensor] = None) -> Tensor:
+    """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive).
+    ``alike`` [L, L] (label values < L): pairs of different labels marked alike are no negatives."""
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
     order, blocks = _label_blocks(labels)
     if not blocks:  # no pixel has a positive
         return features.sum() * 0.0
-    return _Contrastive.apply(features, labels, order, blocks, float(temperature))
+    if alike is not None:
+        ignored_pairs(labels[:1], labels, alike)  # checks the shape and the label range up front
+    return _Contrastive.apply(features, labels, order, blocks, float(temperature), alike)
