@@ -178,6 +178,19 @@ def _label_blocks(labels: Tensor) -> Tuple[Tensor, List[Tuple[int, int]]]:
     return order, blocks
 
 
+def _alike_blocks(sorted_labels: Tensor, alike: Tensor) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """[((start, end) of label a, (start, end) of label b)] in the sorted samples, for every ordered
+    pair of different labels a, b > 0 present that ``alike`` marks alike."""
+    values, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    ends = torch.cumsum(counts, dim=0)
+    runs = list(zip((ends - counts).tolist(), ends.tolist()))
+    alike = alike.to(device=values.device, dtype=torch.bool)
+    pairs = alike[values[:, None], values[None, :]]  # [V, V]
+    pairs &= (values > 0)[:, None] & (values > 0)[None, :]
+    pairs.fill_diagonal_(False)
+    return [(runs[i], runs[j]) for i, j in pairs.nonzero().tolist()]
+
+
 class _Contrastive(torch.autograd.Function):
     """The loss with its gradient written out, on features sorted by label so that the positives of
     an anchor are the other rows of its label's block. With A_i = [f_i, |f_i|^2, 1] and
@@ -205,9 +218,10 @@ class _Contrastive(torch.autograd.Function):
         first = blocks[0][0]  # rows before it are never anchors
         E = torch.mm(A[first:], B.T).clamp_(min=_FLOOR).exp_()  # [M - first, M]
         E[:, first:].fill_diagonal_(0.0)  # u' != u
-        if alike is not None:
-            sorted_labels = labels[order]  # [M]
-            E.masked_fill_(ignored_pairs(sorted_labels[first:], sorted_labels, alike), 0.0)  # alike: no negatives
+        if alike is not None:  # alike labels are no negatives: zero their blocks of E
+            for (a0, a1), (b0, b1) in _alike_blocks(labels[order], alike):
+                if a1 > first:
+                    E[max(a0, first) - first : a1 - first, b0:b1] = 0.0
         s = E.sum(dim=1)  # [M - first]
         p = torch.zeros_like(s)
         for start, end in blocks:
