@@ -242,6 +242,8 @@ def test_model_leaves_alike_patches_out_of_the_loss_when_configured():
     def loss(b):
         return float(model.get_loss_dict(out, b)["contrastive_loss"])
 
+    assert model.config.contrastive_alike_by_masks  # the default
+    model.config.contrastive_alike_by_masks = False
     plain = loss(batch)
     model.config.contrastive_alike_by_masks = True
     assert loss(batch) < plain
