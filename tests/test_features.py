@@ -251,6 +251,36 @@ def test_model_leaves_alike_patches_out_of_the_loss_when_configured():
     assert loss({**batch, "instances": patches}) == pytest.approx(plain)  # consistent maps: no matrix
 
 
+def test_model_mixes_the_raw_patches_into_the_loss_on_consistent_maps_when_configured():
+    """``contrastive_raw_weight``: with consistent maps as labels, (1 - w) of the loss comes from
+    them and w from the raw patches at the same samples; 0 leaves the consistent loss alone."""
+    from trace3d_ns.features.contrastive import contrastive_loss
+
+    model, _ = _trained_model()
+    model.train()
+    torch.manual_seed(0)
+    out = model.get_outputs(_camera())
+    patches = torch.zeros(30, 40, dtype=torch.int32)
+    patches[:, :20], patches[:, 20:] = 1, 2
+    instances = torch.ones(30, 40, dtype=torch.int32)  # merging joined the two patches
+    batch = {"image": torch.rand(30, 40, 3), "patches": patches, "instances": instances}
+    from trace3d_ns.data.patches import downscale_patches
+
+    labels = model.training_labels(batch).reshape(-1)  # the consistent ids at the render's size
+    picked = sample_labelled_pixels(labels.reshape(model.last_size), 40, torch.Generator().manual_seed(3))
+    model._pick_contrastive_pixels = lambda labels: picked
+    features = out["feature"].reshape(-1, out["feature"].shape[-1])[picked]
+    tau, weight = model.config.contrastive_temperature, model.config.contrastive_weight
+    consistent = contrastive_loss(features, labels[picked], tau)
+    raw = contrastive_loss(features, downscale_patches(patches, model.last_size).reshape(-1)[picked], tau)
+    assert model.config.contrastive_raw_weight == 0.0  # the default
+    torch.testing.assert_close(model.get_loss_dict(out, batch)["contrastive_loss"], weight * consistent)
+    model.config.contrastive_raw_weight = 0.25
+    mixed = model.get_loss_dict(out, batch)["contrastive_loss"]
+    torch.testing.assert_close(mixed, weight * (0.75 * consistent + 0.25 * raw))
+    assert abs(float(raw - consistent)) > 1e-3  # the mix differs from either loss
+
+
 def test_model_samples_balanced_when_configured():
     model, _ = _trained_model()
     labels = torch.zeros(60, 80, dtype=torch.int32)

@@ -96,6 +96,14 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     with it, the raw-patch variants of the ablation (3 seeds, same RGB stages and geometry) went
     from 0.716 to 0.731 (``no_git``) and 0.741 to 0.790 (``density_only``) amodal object IoU,
     novel-view mIoU 0.678 / 0.665 to 0.775 / 0.775 (docs/benchmarks/pilot/README.md)."""
+    contrastive_raw_weight: float = 0.0
+    """Once the features learn from consistent maps, this share of the contrastive loss still learns
+    from the raw patches at the same samples (with ``contrastive_alike_by_masks``): the loss is
+    (1 - w) L(consistent ids) + w L(raw patches). Where merging lost an object to a neighbour (a
+    thin rod whose masks are mostly a box's), the views whose patches still separate them keep
+    its feature apart. Pilot on the ablation's ``full`` (3 seeds, same geometry) at 0.5: amodal
+    object IoU 0.797 -> 0.834, every seed up (docs/benchmarks/pilot/README.md); 0 until the
+    benchmark is regenerated with it."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
@@ -427,13 +435,22 @@ class Trace3DModel(SplatfactoModel):
         wanted[picked] = True
         return wanted.reshape(1, height, width)
 
-    def _contrastive_alike(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
-        """[T + 1, T + 1] bool: the batch's patches that one mask covers together, when the loss
-        learns from raw patches and ``contrastive_alike_by_masks`` is on; else None."""
-        if not self.config.contrastive_alike_by_masks or "instances" in batch:
-            return None
-        alike = batch.get("patch_alike")
+    def _patch_alike(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+        """[T + 1, T + 1] bool: the batch's patches that one mask covers together, when
+        ``contrastive_alike_by_masks`` is on and the batch has them; else None."""
+        alike = batch.get("patch_alike") if self.config.contrastive_alike_by_masks else None
         return None if alike is None else alike.to(self.device)
+
+    def _contrastive_alike(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+        """``_patch_alike`` when the loss's labels are the raw patches (no consistent maps yet)."""
+        return None if "instances" in batch else self._patch_alike(batch)
+
+    def _raw_patch_labels(self, batch: Dict[str, Tensor], picked: Tensor) -> Optional[Tensor]:
+        """[M] raw patch ids at the sampled pixels, when the labels are consistent maps and
+        ``contrastive_raw_weight`` > 0; else None."""
+        if self.config.contrastive_raw_weight <= 0.0 or "instances" not in batch or "patches" not in batch:
+            return None
+        return downscale_patches(batch["patches"], self.last_size).to(self.device).reshape(-1)[picked]
 
     def _pick_contrastive_pixels(self, labels: Tensor) -> Tensor:
         return sample_labelled_pixels(
@@ -455,6 +472,11 @@ class Trace3DModel(SplatfactoModel):
             picked, labels, alike = sample
             features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
             loss = contrastive_loss(features, labels, self.config.contrastive_temperature, alike)
+            raw = self._raw_patch_labels(batch, picked)
+            if raw is not None:
+                w = self.config.contrastive_raw_weight
+                raw_loss = contrastive_loss(features, raw, self.config.contrastive_temperature, self._patch_alike(batch))
+                loss = (1.0 - w) * loss + w * raw_loss
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
 
