@@ -127,7 +127,6 @@ class Trace3DDataManager(FullImageDatamanager):
         require_device(device)
         self._injected_mask_source = mask_source
         self._patches_key: Optional[str] = None
-        self._patch_alike: Optional[List[Optional[np.ndarray]]] = None  # per training image, see train_patch_alike
         self._image_stamps: Optional[List[str]] = None
         self._mask_cache: Optional[MapCache] = None
         super().__init__(
@@ -182,10 +181,10 @@ class Trace3DDataManager(FullImageDatamanager):
 
     def train_patch_alike(self) -> List[Optional[np.ndarray]]:
         """Per training image, which of its patches one mask covers together ([T + 1, T + 1] uint8,
-        ``patches.patch_mask_alike``), or None where the patch maps came from a cache written
-        without them."""
+        ``patches.patch_mask_alike``: the batches' ``patch_alike``), or None where the patch maps came
+        from a cache written without them."""
         self.train_patch_maps()  # computes or loads the patches (and these)
-        return list(self._patch_alike) if self._patch_alike is not None else [None] * len(self.cached_train)
+        return [c["patch_alike"].numpy().astype(np.uint8) if "patch_alike" in c else None for c in self.cached_train]
 
     def set_train_instance_maps(self, maps: Sequence[torch.Tensor]) -> None:
         """From now on every training batch also carries ``data["instances"]``: the image's consistent
@@ -342,7 +341,6 @@ class Trace3DDataManager(FullImageDatamanager):
             entry["patches"] = torch.from_numpy(np.ascontiguousarray(patch_map, dtype=np.int32))  # [H, W] CPU
             if alike_map is not None and alike_map.shape[0] > int(patch_map.max(initial=0)):
                 entry["patch_alike"] = torch.from_numpy(np.asarray(alike_map) > 0)  # [T + 1, T + 1] CPU
-        self._patch_alike = alike
 
     def _masks_for_cached_image(
         self, source: MaskSource, idx: int, image: torch.Tensor, path: Path

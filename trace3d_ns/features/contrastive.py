@@ -118,19 +118,23 @@ def _positives(features: Tensor, labels: Tensor) -> Optional[Tuple[Tensor, Tenso
     return (positive, has_positive) if has_positive.any() else None
 
 
-def ignored_pairs(rows: Tensor, cols: Tensor, alike: Optional[Tensor]) -> Optional[Tensor]:
-    """[R, C] bool: the (row, column) pixel pairs of different labels that ``alike`` [L, L] marks
-    alike (left out of the loss), or None without ``alike``."""
-    if alike is None:
-        return None
+def _check_alike(labels: Tensor, alike: Tensor) -> None:
+    """ValueError unless ``alike`` is a square [L, L] matrix that every label in [0, L) indexes."""
     L = alike.shape[0]
     if alike.dim() != 2 or alike.shape[1] != L:
         raise ValueError(f"alike must be a square [L, L] matrix, got {tuple(alike.shape)}")
-    top = int(max(rows.max(), cols.max())) if rows.numel() and cols.numel() else -1
-    if top >= L or (rows.numel() and int(rows.min()) < 0) or (cols.numel() and int(cols.min()) < 0):
-        raise ValueError(f"labels must lie in [0, {L}) to index alike [{L}, {L}], got up to {top}")
-    alike = alike.to(device=rows.device, dtype=torch.bool)
-    return alike[rows[:, None], cols[None, :]] & (rows[:, None] != cols[None, :])  # [R, C]
+    if labels.numel() and (int(labels.max()) >= L or int(labels.min()) < 0):
+        raise ValueError(f"labels must lie in [0, {L}) to index alike [{L}, {L}], got {int(labels.min())}..{int(labels.max())}")
+
+
+def ignored_pairs(labels: Tensor, alike: Optional[Tensor]) -> Optional[Tensor]:
+    """[M, M] bool: the pixel pairs of different labels that ``alike`` [L, L] marks alike (left out
+    of the loss), or None without ``alike``."""
+    if alike is None:
+        return None
+    _check_alike(labels, alike)
+    alike = alike.to(device=labels.device, dtype=torch.bool)
+    return alike[labels[:, None], labels[None, :]] & (labels[:, None] != labels[None, :])  # [M, M]
 
 
 def contrastive_loss_reference(
@@ -146,7 +150,7 @@ def contrastive_loss_reference(
     # logits = -tau ||f_u - f_u'||^2 = 2 tau f_u . f_u' - tau |f_u|^2 - tau |f_u'|^2, in one addmm
     logits = torch.addmm(-temperature * (sq[:, None] + sq[None, :]), features, features.T, alpha=2.0 * temperature)
     logits = logits.fill_diagonal_(float("-inf"))  # [M, M] u' != u
-    ignored = ignored_pairs(labels, labels, alike)
+    ignored = ignored_pairs(labels, alike)
     if ignored is not None:
         logits = logits.masked_fill(ignored, float("-inf"))  # [M, M] alike pairs are no negatives
     log_all = torch.logsumexp(logits, dim=1)
@@ -278,5 +282,5 @@ def contrastive_loss(features: Tensor, labels: Tensor, temperature: float, alike
     if not blocks:  # no pixel has a positive
         return features.sum() * 0.0
     if alike is not None:
-        ignored_pairs(labels[:1], labels, alike)  # checks the shape and the label range up front
+        _check_alike(labels, alike)
     return _Contrastive.apply(features, labels, order, blocks, float(temperature), alike)
