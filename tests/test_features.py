@@ -248,7 +248,10 @@ def test_model_leaves_alike_patches_out_of_the_loss_when_configured():
     model.config.contrastive_alike_by_masks = True
     assert loss(batch) < plain
     assert loss({k: v for k, v in batch.items() if k != "patch_alike"}) == pytest.approx(plain)  # an old cache
-    assert loss({**batch, "instances": patches}) == pytest.approx(plain)  # consistent maps: no matrix
+    model.config.contrastive_raw_weight = 0.0
+    assert loss({**batch, "instances": patches}) == pytest.approx(plain)  # consistent ids: no matrix
+    model.config.contrastive_raw_weight = 0.5
+    assert loss({**batch, "instances": patches}) < plain  # its raw-patch share uses the matrix
 
 
 def test_model_mixes_the_raw_patches_into_the_loss_on_consistent_maps_when_configured():
@@ -273,7 +276,7 @@ def test_model_mixes_the_raw_patches_into_the_loss_on_consistent_maps_when_confi
     tau, weight = model.config.contrastive_temperature, model.config.contrastive_weight
     consistent = contrastive_loss(features, labels[picked], tau)
     raw = contrastive_loss(features, downscale_patches(patches, model.last_size).reshape(-1)[picked], tau)
-    assert model.config.contrastive_raw_weight == 0.0  # the default
+    model.config.contrastive_raw_weight = 0.0
     torch.testing.assert_close(model.get_loss_dict(out, batch)["contrastive_loss"], weight * consistent)
     model.config.contrastive_raw_weight = 0.25
     mixed = model.get_loss_dict(out, batch)["contrastive_loss"]

@@ -96,14 +96,14 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     with it, the raw-patch variants of the ablation (3 seeds, same RGB stages and geometry) went
     from 0.716 to 0.731 (``no_git``) and 0.741 to 0.790 (``density_only``) amodal object IoU,
     novel-view mIoU 0.678 / 0.665 to 0.775 / 0.775 (docs/benchmarks/pilot/README.md)."""
-    contrastive_raw_weight: float = 0.0
+    contrastive_raw_weight: float = 0.5
     """Once the features learn from consistent maps, this share of the contrastive loss still learns
     from the raw patches at the same samples (with ``contrastive_alike_by_masks``): the loss is
     (1 - w) L(consistent ids) + w L(raw patches). Where merging lost an object to a neighbour (a
     thin rod whose masks are mostly a box's), the views whose patches still separate them keep
-    its feature apart. Pilot on the ablation's ``full`` (3 seeds, same geometry) at 0.5: amodal
-    object IoU 0.797 -> 0.834, every seed up (docs/benchmarks/pilot/README.md); 0 until the
-    benchmark is regenerated with it."""
+    its feature apart. Pilot on the ablation's ``full`` (3 seeds, same geometry), 0 against 0.5:
+    amodal object IoU 0.797 -> 0.834, every seed up (docs/benchmarks/pilot/README.md). 0: the
+    consistent ids alone."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
