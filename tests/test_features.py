@@ -282,6 +282,8 @@ def test_model_mixes_the_raw_patches_into_the_loss_on_consistent_maps_when_confi
     mixed = model.get_loss_dict(out, batch)["contrastive_loss"]
     torch.testing.assert_close(mixed, weight * (0.75 * consistent + 0.25 * raw))
     assert abs(float(raw - consistent)) > 1e-3  # the mix differs from either loss
+    model.masks_span_patches = False  # masks that partition every view: the consistent ids alone
+    torch.testing.assert_close(model.get_loss_dict(out, batch)["contrastive_loss"], weight * consistent)
 
 
 def test_model_samples_balanced_when_configured():

@@ -218,3 +218,16 @@ def test_patch_mask_alike_marks_the_patches_one_mask_covers():
     )
     assert np.array_equal(alike, expected)
     assert np.array_equal(patch_mask_alike(np.zeros((0, 4, 6), dtype=bool), np.zeros((4, 6), np.int32)), np.zeros((1, 1)))
+
+
+def test_masks_span_patches_only_when_a_mask_covers_two_patches_of_a_view():
+    from trace3d_ns.data.patches import masks_span_patches, masks_to_patches, patch_mask_alike
+
+    partition = np.zeros((3, 4, 6), dtype=bool)
+    partition[0, :, :2], partition[1, :, 2:4], partition[2, :, 4:] = True, True, True  # one mask per pixel
+    nested = partition.copy()
+    nested[0, :, :4] = True  # the first mask now a whole over the second's part
+    alike = {name: patch_mask_alike(m, masks_to_patches(m)) for name, m in (("partition", partition), ("nested", nested))}
+    assert not masks_span_patches([alike["partition"], None, alike["partition"]])
+    assert masks_span_patches([alike["partition"], alike["nested"]])
+    assert not masks_span_patches([None, None]) and not masks_span_patches([])

@@ -101,3 +101,30 @@ def test_instance_tracing_hands_the_masks_alike_matrices_to_merging_when_asked(p
     monkeypatch.setattr(merge, "alike_by_masks", False)
     pipeline.run_instance_tracing(step=0)
     assert seen["alike"] is None
+
+
+def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path):
+    """At its first training step the pipeline tells the model whether some mask covers two patches
+    of a view (SAM's wholes over parts): the SAM-like masks do, the ``levels`` source's partitions do
+    not, and then ``contrastive_raw_weight`` is not applied."""
+    from nerfstudio.engine.optimizers import Optimizers
+    from trace3d_ns.config import trace3d_trainer_config
+
+    def first_step(p):
+        p.model.train()
+        p.model.step_cb(Optimizers(trace3d_trainer_config().optimizers, p.get_param_groups()), 0)
+        p.get_train_loss_dict(0)
+
+    assert pipeline.config.model.contrastive_raw_weight > 0  # the default applies it
+    first_step(pipeline)
+    assert pipeline.model.masks_span_patches
+
+    cfg = trace3d_trainer_config().pipeline
+    cfg.datamanager.dataparser.data = pipeline.datamanager.config.dataparser.data
+    cfg.datamanager.mask_source = "levels"
+    cfg.datamanager.cache_dir = tmp_path / "cache"
+    cfg.model.num_downscales = 0
+    levels = cfg.setup(device="cpu", test_mode="val")
+    assert levels.model.masks_span_patches  # unknown until the first step
+    first_step(levels)
+    assert not levels.model.masks_span_patches

@@ -101,9 +101,12 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     from the raw patches at the same samples (with ``contrastive_alike_by_masks``): the loss is
     (1 - w) L(consistent ids) + w L(raw patches). Where merging lost an object to a neighbour (a
     thin rod whose masks are mostly a box's), the views whose patches still separate them keep
-    its feature apart. Pilot on the ablation's ``full`` (3 seeds, same geometry), 0 against 0.5:
-    amodal object IoU 0.797 -> 0.834, every seed up (docs/benchmarks/pilot/README.md). 0: the
-    consistent ids alone."""
+    its feature apart. On the ablation's cluttered scenes (3 seeds, same geometry), 0 against 0.5:
+    amodal object IoU of ``full`` 0.797 -> 0.834, every seed up (BENCHMARKS.md). Applied only with
+    masks that overlap (SAM's wholes over their parts: ``Trace3DModel.masks_span_patches``); with
+    masks that partition each view (``levels``) the raw patches are often parts of one object, and
+    this share took DTU scan 37's 3-point feature selection from 0.959 to 0.688 foreground mIoU.
+    0: the consistent ids alone."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
@@ -148,6 +151,11 @@ class Trace3DModel(SplatfactoModel):
         super().__init__(*args, **kwargs)
         self._contrastive_batch: Optional[Dict[str, Tensor]] = None  # planned by the pipeline for the next render
         self._contrastive_sample: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None  # (picked, labels, alike) of that render
+        self.masks_span_patches = True
+        """Whether a mask of some training view covers most of two of its patches (the pipeline sets
+        it from the served alike matrices). False when the masks partition every view (the ``levels``
+        source): nothing then tells an object's parts from two objects, and the raw patches' share
+        of the loss (``contrastive_raw_weight``) would push the parts apart, so it is not applied."""
         if device.type == "cpu" and self.config.cpu_threads > 0:
             torch.set_num_threads(self.config.cpu_threads)
         if device.type == "cpu" and self.config.cpu_keep_freed_memory:
@@ -446,9 +454,11 @@ class Trace3DModel(SplatfactoModel):
         return None if "instances" in batch else self._patch_alike(batch)
 
     def _raw_patch_labels(self, batch: Dict[str, Tensor], picked: Tensor) -> Optional[Tensor]:
-        """[M] raw patch ids at the sampled pixels, when the labels are consistent maps and
-        ``contrastive_raw_weight`` > 0; else None."""
-        if self.config.contrastive_raw_weight <= 0.0 or "instances" not in batch or "patches" not in batch:
+        """[M] raw patch ids at the sampled pixels, when the labels are consistent maps,
+        ``contrastive_raw_weight`` > 0 and the masks span patches; else None."""
+        if self.config.contrastive_raw_weight <= 0.0 or not self.masks_span_patches:
+            return None
+        if "instances" not in batch or "patches" not in batch:
             return None
         return downscale_patches(batch["patches"], self.last_size).to(self.device).reshape(-1)[picked]
 

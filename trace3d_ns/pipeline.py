@@ -55,6 +55,22 @@ class Trace3DPipeline(VanillaPipeline):
         train = getattr(self.datamanager, "train_dataset", None)
         if train is not None:  # feature selection traces rendered features back over these views
             self.model.selection_cameras = train.cameras
+        self._masks_checked = False
+
+    def _check_masks_span_patches(self) -> None:
+        """Tell the model whether the training masks overlap (``Trace3DModel.masks_span_patches``);
+        once, at the first training step (the masks are computed or loaded by then)."""
+        from trace3d_ns.data.patches import masks_span_patches
+
+        self._masks_checked = True
+        matrices = self.datamanager.train_patch_alike()
+        self.model.masks_span_patches = masks_span_patches(matrices)
+        if not self.model.masks_span_patches and self.model.config.contrastive_raw_weight > 0:
+            why = (
+                "the patch cache was written without the masks' alike matrices (delete it to recompute them)"
+                if all(m is None for m in matrices) else "the masks partition every training view"
+            )
+            CONSOLE.log(f"contrastive_raw_weight is not applied: {why}; the features learn from the consistent maps alone")
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
@@ -81,6 +97,8 @@ class Trace3DPipeline(VanillaPipeline):
         """VanillaPipeline's step, with the batch handed to the model before its render (see
         ``Trace3DModel.plan_contrastive_samples``)."""
         camera, batch = self.datamanager.next_train(step)
+        if not self._masks_checked:
+            self._check_masks_span_patches()
         self.model.plan_contrastive_samples(batch)
         model_outputs = self._model(camera)  # the DDP wrapper when world_size > 1
         metrics_dict = self.model.get_metrics_dict(model_outputs, batch)

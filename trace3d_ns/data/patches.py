@@ -22,7 +22,7 @@ Patch ``0`` itself is never removed for being small: it is not an instance.
 
 from __future__ import annotations
 
-from typing import Literal, Tuple, Union
+from typing import Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -231,6 +231,20 @@ def patch_mask_alike(masks: Union[np.ndarray, torch.Tensor], patches: np.ndarray
     idx = np.arange(1, T + 1)
     alike[idx, idx] = 1
     return alike
+
+
+def masks_span_patches(alike: Sequence[Optional[np.ndarray]]) -> bool:
+    """Whether some view has a mask over most of two of its patches (``patch_mask_alike`` matrices,
+    None for a view without one). False when every view's masks partition it, as the ``levels``
+    source's do: its patches are then each one mask, and nothing in them tells an object's parts
+    from two objects."""
+    for matrix in alike:
+        if matrix is None:
+            continue
+        inner = np.asarray(matrix)[1:, 1:] > 0  # [T, T] the object patches
+        if int(inner.sum()) > int(np.trace(inner)):
+            return True
+    return False
 
 
 def patch_downscale_size(height: int, width: int, factor: int) -> Tuple[int, int]:
