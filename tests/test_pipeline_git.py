@@ -115,7 +115,7 @@ def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path):
         p.model.step_cb(Optimizers(trace3d_trainer_config().optimizers, p.get_param_groups()), 0)
         p.get_train_loss_dict(0)
 
-    assert pipeline.config.model.contrastive_raw_weight > 0  # the default applies it
+    pipeline.model.config.contrastive_raw_weight = 0.5
     first_step(pipeline)
     assert pipeline.model.masks_span_patches
 
@@ -124,6 +124,7 @@ def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path):
     cfg.datamanager.mask_source = "levels"
     cfg.datamanager.cache_dir = tmp_path / "cache"
     cfg.model.num_downscales = 0
+    cfg.model.contrastive_raw_weight = 0.5
     levels = cfg.setup(device="cpu", test_mode="val")
     assert levels.model.masks_span_patches  # unknown until the first step
     first_step(levels)

@@ -96,17 +96,18 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     with it, the raw-patch variants of the ablation (3 seeds, same RGB stages and geometry) went
     from 0.716 to 0.731 (``no_git``) and 0.741 to 0.790 (``density_only``) amodal object IoU,
     novel-view mIoU 0.678 / 0.665 to 0.775 / 0.775 (docs/benchmarks/pilot/README.md)."""
-    contrastive_raw_weight: float = 0.5
+    contrastive_raw_weight: float = 0.0
     """Once the features learn from consistent maps, this share of the contrastive loss still learns
     from the raw patches at the same samples (with ``contrastive_alike_by_masks``): the loss is
     (1 - w) L(consistent ids) + w L(raw patches). Where merging lost an object to a neighbour (a
     thin rod whose masks are mostly a box's), the views whose patches still separate them keep
-    its feature apart. On the ablation's cluttered scenes (3 seeds, same geometry), 0 against 0.5:
-    amodal object IoU of ``full`` 0.797 -> 0.834, every seed up (BENCHMARKS.md). Applied only with
-    masks that overlap (SAM's wholes over their parts: ``Trace3DModel.masks_span_patches``); with
-    masks that partition each view (``levels``) the raw patches are often parts of one object, and
-    this share took DTU scan 37's 3-point feature selection from 0.959 to 0.688 foreground mIoU.
-    0: the consistent ids alone."""
+    its feature apart. Applied only with masks that overlap (SAM's wholes over their parts:
+    ``Trace3DModel.masks_span_patches``); with masks that partition each view (``levels``) the raw
+    patches are often parts of one object (at 0.5, DTU scan 37's 3-point feature selection fell
+    from 0.959 to 0.688 foreground mIoU). Off by default: at 0.5 the ``full`` variant's amodal
+    object IoU rose on the three benchmark scenes it was designed on (+1.1 / +4.5 / +5.5 points)
+    but fell on the two held-out ones (-2.4 / -2.1; novel-view mIoU -3.5 / -3.0), see
+    docs/benchmarks/pilot/README.md. 0: the consistent ids alone."""
     contrastive_temperature: float = 1.0
     """tau in the logits -tau * ||f_u - f_u'||^2 of the contrastive loss.
     Measured on a trained 64 px scene, 300 feature-only steps: at tau = 100 no instance separated (the loss
