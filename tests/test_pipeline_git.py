@@ -103,7 +103,7 @@ def test_instance_tracing_hands_the_masks_alike_matrices_to_merging_when_asked(p
     assert seen["alike"] is None
 
 
-def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path):
+def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path, monkeypatch):
     """At its first training step the pipeline tells the model whether some mask covers two patches
     of a view (SAM's wholes over parts): the SAM-like masks do, the ``levels`` source's partitions do
     not, and then ``contrastive_raw_weight`` is not applied."""
@@ -115,7 +115,7 @@ def test_the_raw_patch_share_needs_masks_that_span_patches(pipeline, tmp_path):
         p.model.step_cb(Optimizers(trace3d_trainer_config().optimizers, p.get_param_groups()), 0)
         p.get_train_loss_dict(0)
 
-    pipeline.model.config.contrastive_raw_weight = 0.5
+    monkeypatch.setattr(pipeline.model.config, "contrastive_raw_weight", 0.5)
     first_step(pipeline)
     assert pipeline.model.masks_span_patches
 

@@ -59,13 +59,14 @@ class Trace3DPipeline(VanillaPipeline):
 
     def _check_masks_span_patches(self) -> None:
         """Tell the model whether the training masks overlap (``Trace3DModel.masks_span_patches``);
-        once, at the first training step (the masks are computed or loaded by then)."""
+        once, at the first training step (the masks are computed or loaded by then), and only when
+        ``contrastive_raw_weight`` makes it matter."""
         from trace3d_ns.data.patches import masks_span_patches
 
         self._masks_checked = True
         matrices = self.datamanager.train_patch_alike()
         self.model.masks_span_patches = masks_span_patches(matrices)
-        if not self.model.masks_span_patches and self.model.config.contrastive_raw_weight > 0:
+        if not self.model.masks_span_patches:
             why = (
                 "the patch cache was written without the masks' alike matrices (delete it to recompute them)"
                 if all(m is None for m in matrices) else "the masks partition every training view"
@@ -97,7 +98,7 @@ class Trace3DPipeline(VanillaPipeline):
         """VanillaPipeline's step, with the batch handed to the model before its render (see
         ``Trace3DModel.plan_contrastive_samples``)."""
         camera, batch = self.datamanager.next_train(step)
-        if not self._masks_checked:
+        if not self._masks_checked and self.model.config.contrastive_raw_weight > 0:
             self._check_masks_span_patches()
         self.model.plan_contrastive_samples(batch)
         model_outputs = self._model(camera)  # the DDP wrapper when world_size > 1
