@@ -126,8 +126,9 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     screen-space gradients densification reads, on every backend)."""
     rasterizer: Literal["auto", "gsplat", "compiled", "torch"] = "auto"
     """Rasterizer backend. auto: gsplat's kernels on CUDA, the compiled (numba) tile kernels on the
-    CPU; compiled / gsplat: force one (CPU / CUDA only); torch: the tile-based torch rasterizer,
-    the reference (slower). Without numba, compiled falls back to torch with one warning."""
+    CPU (with the loss's SSIM compiled too); compiled / gsplat: force one (CPU / CUDA only); torch:
+    the tile-based torch rasterizer and pytorch_msssim, the reference (slower). Without numba,
+    compiled falls back to torch with one warning."""
     cpu_threads: int = 1
     """torch intra-op threads when the model runs on the CPU (0 = torch's default). Around the
     compiled kernels torch works on many mid-sized tensors, where extra threads mostly spin: one
@@ -166,8 +167,11 @@ class Trace3DModel(SplatfactoModel):
         self.backend = resolve_backend(self.config.rasterizer, device)  # warns once if it falls back
         if self.backend == "compiled":
             from trace3d_ns.cuda.compiled import set_threads
+            from trace3d_ns.cuda.ssim import SSIM
 
             set_threads(self.config.compiled_threads)
+            # the loss's SSIM in compiled kernels too (pytorch_msssim's convolutions were ~10% of a CPU step)
+            self.ssim = SSIM(data_range=1.0, channel=3)
 
     # ---- set-up -------------------------------------------------------------------------------
     def populate_modules(self) -> None:
