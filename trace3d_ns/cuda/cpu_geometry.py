@@ -409,29 +409,41 @@ def sh_backward(
 
 
 @njit(cache=True)
-def _radix_argsort(keys):  # [N] int32 bit patterns of float32 depths
-    """Stable argsort [N] int32 of float32 values given as their bits: three 11-bit counting passes
-    (least significant first). Non-negative floats order as their bits; negative ones (behind the
-    camera: culled, never binned) sort after them."""
+def _radix_sort_pairs(keys, ids):
+    """`ids` [n] int32 reordered by `keys` [n] int32 (bit patterns of float32 depths), stably: three
+    11-bit counting passes, least significant first, carrying each key beside its id (no gathers).
+    Non-negative floats order as their bits; negative ones (behind the camera: culled, never
+    binned) sort after them."""
     n = keys.shape[0]
-    order = np.arange(n).astype(np.int32)
-    scratch = np.empty(n, dtype=np.int32)
+    k_in = (keys.astype(np.int64) & 0xFFFFFFFF)
+    i_in = ids.copy()
+    k_out = np.empty_like(k_in)
+    i_out = np.empty_like(i_in)
     counts = np.empty(2049, dtype=np.int64)
     for shift in (0, 11, 22):
         counts[:] = 0
         for i in range(n):
-            counts[((np.int64(keys[order[i]]) & 0xFFFFFFFF) >> shift & 2047) + 1] += 1
+            counts[((k_in[i] >> shift) & 2047) + 1] += 1
         for b in range(2048):
             counts[b + 1] += counts[b]
         for i in range(n):
-            digit = (np.int64(keys[order[i]]) & 0xFFFFFFFF) >> shift & 2047
-            scratch[counts[digit]] = order[i]
-            counts[digit] += 1
-        order, scratch = scratch, order
-    return order
+            digit = (k_in[i] >> shift) & 2047
+            slot = counts[digit]
+            k_out[slot] = k_in[i]
+            i_out[slot] = i_in[i]
+            counts[digit] = slot + 1
+        k_in, k_out = k_out, k_in
+        i_in, i_out = i_out, i_in
+    return i_in
 
 
 @njit(cache=True)
+def _radix_argsort(keys):  # [N] int32 bit patterns of float32 depths
+    """Stable argsort [N] int32 of float32 values given as their bits (`_radix_sort_pairs`)."""
+    return _radix_sort_pairs(keys, np.arange(keys.shape[0]).astype(np.int32))
+
+
+@njit(parallel=True, cache=True)
 def bin_tiles(
     means2d,  # [C, N, 2]
     radii,  # [C, N] int32
@@ -442,27 +454,35 @@ def bin_tiles(
 ):
     """gsplat's tile intersections: (tiles_per_gauss [C, N] int32, isect_ids [M] int64,
     flatten_ids [M] int32, tile_starts [C * tiles + 1] int64), sorted by camera, tile, then depth
-    (stable: equal depths keep Gaussian order)."""
+    (stable: equal depths keep Gaussian order). Tile boxes are found in parallel; the Gaussians
+    that touch a tile are depth-sorted (the culled ones are left out of the sort) and dealt to
+    their tiles front to back."""
     C, N = radii.shape
     n_tiles = tile_width * tile_height
     counts = np.zeros((C, N), dtype=np.int32)
     box = np.zeros((C, N, 4), dtype=np.int64)
+    for cn in prange(C * N):
+        cam = cn // N
+        n = cn - cam * N
+        if radii[cam, n] <= 0:
+            continue
+        cx, cy = means2d[cam, n, 0] / tile_size, means2d[cam, n, 1] / tile_size
+        r = radii[cam, n] / tile_size
+        x0 = min(max(int(math.floor(cx - r)), 0), tile_width)
+        y0 = min(max(int(math.floor(cy - r)), 0), tile_height)
+        x1 = min(max(int(math.ceil(cx + r)), 0), tile_width)
+        y1 = min(max(int(math.ceil(cy + r)), 0), tile_height)
+        box[cam, n, 0], box[cam, n, 1], box[cam, n, 2], box[cam, n, 3] = x0, y0, x1, y1
+        counts[cam, n] = (x1 - x0) * (y1 - y0)
     per_tile = np.zeros(C * n_tiles + 1, dtype=np.int64)
     for cam in range(C):
         for n in range(N):
-            if radii[cam, n] <= 0:
+            if counts[cam, n] == 0:
                 continue
-            cx, cy = means2d[cam, n, 0] / tile_size, means2d[cam, n, 1] / tile_size
-            r = radii[cam, n] / tile_size
-            x0 = min(max(int(math.floor(cx - r)), 0), tile_width)
-            y0 = min(max(int(math.floor(cy - r)), 0), tile_height)
-            x1 = min(max(int(math.ceil(cx + r)), 0), tile_width)
-            y1 = min(max(int(math.ceil(cy + r)), 0), tile_height)
-            box[cam, n, 0], box[cam, n, 1], box[cam, n, 2], box[cam, n, 3] = x0, y0, x1, y1
-            counts[cam, n] = (x1 - x0) * (y1 - y0)
-            for ty in range(y0, y1):
-                for tx in range(x0, x1):
-                    per_tile[cam * n_tiles + ty * tile_width + tx + 1] += 1
+            for ty in range(box[cam, n, 1], box[cam, n, 3]):
+                base = cam * n_tiles + ty * tile_width + 1
+                for tx in range(box[cam, n, 0], box[cam, n, 2]):
+                    per_tile[base + tx] += 1
     starts = np.cumsum(per_tile)  # [C * tiles + 1]
     total = starts[-1]
     flatten_ids = np.empty(total, dtype=np.int32)
@@ -472,17 +492,26 @@ def bin_tiles(
     while (1 << tile_bits) <= n_tiles:
         tile_bits += 1
     fill = starts[:-1].copy()
+    touching = np.empty(N, dtype=np.int32)
+    keys = np.empty(N, dtype=np.int32)
     for cam in range(C):
+        m = 0
+        for n in range(N):
+            if counts[cam, n] > 0:
+                touching[m] = n
+                keys[m] = depth_bits[cam, n]
+                m += 1
         # visiting Gaussians front to back (stable) leaves every tile's list in depth order
-        for n in _radix_argsort(depth_bits[cam]):
-            if counts[cam, n] == 0:
-                continue
-            bits = np.int64(depth_bits[cam, n]) & 0xFFFFFFFF
+        for n in _radix_sort_pairs(keys[:m], touching[:m]):
             for ty in range(box[cam, n, 1], box[cam, n, 3]):
+                base = cam * n_tiles + ty * tile_width
                 for tx in range(box[cam, n, 0], box[cam, n, 2]):
-                    tile = ty * tile_width + tx
-                    t = cam * n_tiles + tile
-                    flatten_ids[fill[t]] = cam * N + n
-                    isect_ids[fill[t]] = (np.int64(cam) << (32 + tile_bits)) | (np.int64(tile) << 32) | bits
-                    fill[t] += 1
+                    flatten_ids[fill[base + tx]] = cam * N + n
+                    fill[base + tx] += 1
+    flat_bits = depth_bits.reshape(-1)  # [C * N]
+    for t in prange(C * n_tiles):  # the ids, tile by tile (one write stream each, not one per tile at once)
+        cam = t // n_tiles
+        head = (np.int64(cam) << (32 + tile_bits)) | (np.int64(t - cam * n_tiles) << 32)
+        for e in range(starts[t], starts[t + 1]):
+            isect_ids[e] = head | (np.int64(flat_bits[flatten_ids[e]]) & 0xFFFFFFFF)
     return counts, isect_ids, flatten_ids, starts
