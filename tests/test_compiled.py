@@ -328,6 +328,76 @@ def test_extra_channels_composited_only_at_requested_pixels_match_torch(grad_to_
                              extra_colors=torch.zeros(30, 2), backend="compiled", extra_pixels=wanted[0])
 
 
+def _sparse_pairs(wanted, n=300, seed=12):
+    """compiled.composite with sparse_pairs on one random view: (render, alpha, pixel, entry, weight)
+    and the scene's full contribution list."""
+    view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
+    means, quats, scales, opacities, colors = random_gaussians(n, seed=seed)
+    p = compiled.project(means, quats, scales, view[None], K[None], W, H)
+    isect = compiled.intersect_tiles(p.means2d, p.radii, p.depths, 16, -(-W // 16), -(-H // 16))
+    out = compiled.composite(p.means2d, p.conics, opacities[None], colors[None, :, :3].contiguous(), None, isect, W, H, 16,
+                             sparse_pixels=wanted, sparse_pairs=True)
+    return out, contributions(means, quats, scales, opacities, view, K, W, H, backend="torch")
+
+
+class _Pairs(compiled._PairRecord):
+    """`compiled.PAIR_RECORD` for tests with a fixed buffer size (entries per worker) per pass."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.fixed, self.sizes = capacity, []
+
+    def capacity(self, num_sparse):
+        self.sizes.append(self.fixed)
+        return self.fixed
+
+
+def test_the_render_lists_its_visits_at_sparse_pixels_as_the_contributions_there(monkeypatch):
+    """`sparse_pairs`: the pairs listed at the requested pixels are the scene's contributions there
+    (same Gaussians and alpha * T, front to back per pixel), the render is unchanged, and a buffer
+    too small for them is counted over and the pass repeated once with the same result."""
+    g = torch.Generator().manual_seed(7)
+    wanted = torch.rand(1, H, W, generator=g) < 0.15
+    (render, alpha, pixel, entry, weight), full = _sparse_pairs(wanted)
+    keep = wanted.reshape(-1)[full.pixel_ids]
+    by_pixel = torch.sort(pixel, stable=True).indices  # listed tile by tile, front to back within a pixel
+    assert torch.equal(pixel[by_pixel], full.pixel_ids[keep])
+    assert torch.equal(entry.long()[by_pixel], full.gaussian_ids[keep])
+    torch.testing.assert_close(weight[by_pixel], full.weights[keep], atol=1e-6, rtol=1e-5)
+    view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
+    means, quats, scales, opacities, colors = random_gaussians(300, seed=12)
+    plain, plain_alpha, _ = rasterization(means, quats, scales, opacities, colors[:, :3], view[None], K[None], W, H,
+                                          backend="compiled")
+    assert torch.equal(render, plain) and torch.equal(alpha, plain_alpha)
+    small = _Pairs(3)
+    monkeypatch.setattr(compiled, "PAIR_RECORD", small)
+    (_, _, pixel2, entry2, weight2), _ = _sparse_pairs(wanted)
+    assert len(small.sizes) == 1 and pixel.numel() > 3  # the second pass took the counted size
+    assert torch.equal(pixel2, pixel) and torch.equal(entry2, entry) and torch.equal(weight2, weight)
+    with pytest.raises(ValueError, match="sparse_pairs"):
+        compiled.composite(torch.zeros(1, 2, 2), torch.ones(1, 2, 3), torch.ones(1, 2), torch.zeros(1, 2, 3), None,
+                           compiled.intersect_tiles(torch.zeros(1, 2, 2), torch.ones(1, 2, dtype=torch.int32),
+                                                    torch.ones(1, 2), 16, 1, 1), 4, 4, 16, sparse_pairs=True)
+
+
+def test_weighted_rows_is_index_add_of_index_select_with_its_gradient():
+    g = torch.Generator().manual_seed(8)
+    source = torch.randn(50, 7, generator=g, requires_grad=True)
+    index_in = torch.randint(0, 50, (400,), generator=g)
+    index_out = torch.randint(0, 30, (400,), generator=g)
+    weight = torch.rand(400, generator=g)
+    cotangent = torch.randn(30, 7, generator=g)
+    ours = compiled.weighted_rows(source, index_out, index_in, weight, 30)
+    (ours * cotangent).sum().backward()
+    grad, source.grad = source.grad.clone(), None
+    ref = torch.zeros(30, 7).index_add(0, index_out, weight[:, None] * source.index_select(0, index_in))
+    (ref * cotangent).sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, source.grad, atol=1e-6, rtol=1e-5)
+    empty = compiled.weighted_rows(source, index_out[:0], index_in[:0], weight[:0], 4)
+    assert empty.shape == (4, 7) and not empty.any()
+
+
 class _Record(compiled._VisitRecord):
     """`compiled.VISIT_RECORD` for tests: None records nothing; `learn=False` keeps the given size."""
 

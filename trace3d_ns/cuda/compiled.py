@@ -171,9 +171,32 @@ _NO_RECORD = (np.zeros(0, np.bool_), np.zeros(0, np.int64), np.zeros(0, np.int32
 """`composite_tiles`' record arguments when nothing is recorded."""
 
 
+class _PairRecord:
+    """Sizes the buffers in which the render forward lists its composited visits at the sparse pixels
+    (`composite(sparse_pairs=True)`). Each worker thread writes into a part of its own, as large as
+    the visits of every sparse pixel could need at the learnt rate (a worker may get most of them);
+    a worker that runs out counts on, and the pass is repeated once with room for that count."""
+
+    def __init__(self, visits_per_pixel: float = 32.0, margin: float = 1.5) -> None:
+        self.visits_per_pixel = visits_per_pixel
+        self.margin = margin
+
+    def capacity(self, num_sparse: int) -> int:
+        return int(self.margin * self.visits_per_pixel * num_sparse) + 256
+
+    def update(self, pair_used: np.ndarray, num_sparse: int) -> None:
+        if num_sparse > 0:
+            self.visits_per_pixel = max(1.0, float(pair_used.sum()) / num_sparse)
+
+
+PAIR_RECORD = _PairRecord()
+_NO_PAIRS = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+"""`composite_tiles`' pair arguments when no pairs are listed."""
+
+
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse):
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse, pairs):
         kernels = load()
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         C = backgrounds.shape[0]
@@ -188,21 +211,38 @@ class _Composite(torch.autograd.Function):
         workers = _chunks()
         record = any(ctx.needs_input_grad[:4])  # only a backward reads the record
         rec = VISIT_RECORD.buffers(starts.shape[0] - 1, flat.shape[0], num_pixels, workers) if record else _NO_RECORD
-        with _LOCK:
-            kernels.composite_tiles(
-                kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
-                1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, workers, *sparse, *rec,
-            )
+        num_sparse = int(sparse[1].sum()) if pairs else 0
+        capacity = PAIR_RECORD.capacity(num_sparse) if pairs else 0
+        while True:
+            listed = (
+                np.empty(workers * capacity, np.int64), np.empty(workers * capacity, np.int32),
+                np.empty(workers * capacity, np.float32), np.zeros(workers, np.int64),
+            ) if pairs else _NO_PAIRS
+            with _LOCK:
+                kernels.composite_tiles(
+                    kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
+                    1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, workers, *sparse, *rec, *listed,
+                )
+            used = listed[3]
+            if not pairs or used.max(initial=0) <= capacity:
+                break
+            capacity = int(used.max())  # a worker ran out: once more with room for what it counted
         if record:
             VISIT_RECORD.update(rec[-1], num_pixels)
         ctx.save_for_backward(means2d, conics, opacities, colors, backgrounds)
         ctx.state = (arrays, bg, trans, last, layout, geometry, absgrad, sparse, rec[:-1])
         render = torch.from_numpy(out).to(colors.dtype).reshape(C, height, width, K)
         alpha = torch.from_numpy(1.0 - trans).to(colors.dtype).reshape(C, height, width, 1)
-        return render, alpha
+        if not pairs:
+            return render, alpha
+        PAIR_RECORD.update(used, num_sparse)
+        keep = np.concatenate([np.arange(w * capacity, w * capacity + used[w]) for w in range(workers)])
+        listed_t = tuple(torch.from_numpy(a[keep]) for a in listed[:3])  # [P] pixel, flattened Gaussian, alpha * T
+        ctx.mark_non_differentiable(*listed_t)
+        return (render, alpha, *listed_t)
 
     @staticmethod
-    def backward(ctx, v_render, v_alpha):
+    def backward(ctx, v_render, v_alpha, *_):
         kernels = load()
         means2d, conics, opacities, colors, backgrounds = ctx.saved_tensors
         arrays, bg, trans, last, layout, geometry, absgrad, sparse, rec = ctx.state
@@ -226,7 +266,7 @@ class _Composite(torch.autograd.Function):
             grads[:, 2:5].to(conics.dtype),
             grads[:, 5].to(opacities.dtype),
             grads[:, E:].to(colors.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -244,14 +284,19 @@ def composite(
     geometry_channels: Optional[int] = None,  # channels whose gradients reach the geometry (default all)
     sparse_from: Optional[int] = None,  # channels from here on are composited only at `sparse_pixels`
     sparse_pixels: Optional[Tensor] = None,  # [C, H, W] bool
-) -> Tuple[Tensor, Tensor]:
+    sparse_pairs: bool = False,
+) -> tuple:
     """Differentiable front-to-back compositing: (render [C, H, W, K], alphas [C, H, W, 1]).
 
     Channels from `geometry_channels` on still get colour gradients, but their loss does not move
     means2d, conics or opacities (features lifted without moving the geometry). With
     `sparse_pixels`, channels from `sparse_from` on are composited only there and are 0 elsewhere
-    (a loss that reads a few pixels of them skips the work on the rest). When a gradient is needed,
-    the forward records its visits for the backward (`VISIT_RECORD`)."""
+    (a loss that reads a few pixels of them skips the work on the rest). With `sparse_pixels` and
+    `sparse_pairs` (and no `sparse_from`), the forward also lists every visit it composites at those
+    pixels, returned as a third to fifth output: pixel ids (c * H * W + y * W + x) [P] int64, flattened
+    Gaussians (c * N + n) [P] int32 and their alpha * T [P] float32, in the order the tiles composite
+    them (front to back within each pixel; no gradient): channels composited with fixed weights need nothing else. When a gradient is
+    needed, the forward records its visits for the backward (`VISIT_RECORD`)."""
     C, N, K = colors.shape
     tile_width = -(-width // tile_size)
     tiles_per_cam = tile_width * -(-height // tile_size)
@@ -264,13 +309,40 @@ def composite(
     if sparse_pixels is None:
         sparse = (K, np.zeros(0, np.bool_))
     else:
+        sparse_from = K if sparse_pairs and sparse_from is None else sparse_from
         if sparse_pixels.shape != (C, height, width) or sparse_from is None:
             raise ValueError(f"sparse_pixels must be [C, H, W] = [{C}, {height}, {width}] with sparse_from, got {tuple(sparse_pixels.shape)}")
         sparse = (int(sparse_from), _np(sparse_pixels.reshape(-1), np.bool_))
+    if sparse_pairs and (sparse_pixels is None or sparse[0] != K):
+        raise ValueError("sparse_pairs lists the visits at sparse_pixels: give sparse_pixels and no sparse_from channels")
     return _Composite.apply(
         means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
-        backgrounds, absgrad, geometry, layout, sparse,
+        backgrounds, absgrad, geometry, layout, sparse, sparse_pairs,
     )
+
+
+class _WeightedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source, index_out, index_in, weight, num_out):
+        kernels = load()
+        idx_out, idx_in, w = _np(index_out, np.int64), _np(index_in, np.int64), _np(weight, np.float32)
+        ctx.save = (idx_out, idx_in, w, source.shape[0])
+        return torch.from_numpy(kernels.weighted_rows(idx_out, idx_in, w, _np(source, np.float32), num_out)).to(source.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kernels = load()
+        idx_out, idx_in, w, rows = ctx.save
+        ctx.save = None
+        v_source = kernels.weighted_rows(idx_in, idx_out, w, _np(grad, np.float32), rows)
+        return torch.from_numpy(v_source).to(grad.dtype), None, None, None, None
+
+
+def weighted_rows(source: Tensor, index_out: Tensor, index_in: Tensor, weight: Tensor, num_out: int) -> Tensor:
+    """Differentiable (in `source` [R, E]) sum out[index_out[k]] += weight[k] * source[index_in[k]] ->
+    [num_out, E], in one compiled pass each way: what `index_add` of `index_select` computes, without
+    their [P, E] intermediates (P ~ 10^5 visits at a loss's sampled pixels)."""
+    return _WeightedRows.apply(source, index_out, index_in, weight, num_out)
 
 
 def _count_then_fill(
@@ -303,7 +375,8 @@ def _count_then_fill(
     i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with _LOCK:
         kernels.composite_tiles(
-            count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS, *_NO_RECORD
+            count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS, *_NO_RECORD,
+            *_NO_PAIRS,
         )
     total = int(counts.sum())
     _check_memory(total * 20, N, width, height, "the contribution list")
@@ -312,7 +385,7 @@ def _count_then_fill(
     with _LOCK:
         kernels.composite_tiles(
             fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks(), 0, _NO_PIXELS,
-            *_NO_RECORD,
+            *_NO_RECORD, *_NO_PAIRS,
         )
     return gids, index, weights
 

@@ -18,7 +18,10 @@ that Gaussian Instance Tracing needs. `backward_tiles` walks back to front as gs
 kernel does and writes gradients per tile entry (each entry belongs to one tile: no races), which
 the caller reduces per Gaussian. In render mode the forward can record every composited visit
 (tile pixel, alpha, exp(-sigma)) so that the backward walks those instead of recomputing chords,
-sigma and exp; a tile that did not fit in its worker's part of the record is recomputed.
+sigma and exp; a tile that did not fit in its worker's part of the record is recomputed. It can also
+list its visits at a few requested pixels (pixel, Gaussian, alpha T): channels that a loss reads only
+there and whose gradients stay off the geometry (features) are then summed from that list
+(`weighted_rows`) instead of riding through every tile as extra channels.
 
 Layout: the C cameras' tiles are numbered c * tiles_per_camera + ty * tile_width + tx, and the
 per-camera arrays are flattened over (camera, Gaussian), so `flatten_ids` index them directly.
@@ -159,6 +162,10 @@ def composite_tiles(
     rec_alpha,  # [workers * capacity] float32 out: its alpha
     rec_vis,  # [workers * capacity] float32 out: its exp(-sigma)
     rec_used,  # [workers] int64 out: visits each worker composited (recorded or not)
+    pair_pixel,  # [workers * capacity] int64 out: pixel id of each composited visit at `sparse_pixels` (render), or empty
+    pair_entry,  # [workers * capacity] int32 out: its flattened Gaussian (flatten id)
+    pair_weight,  # [workers * capacity] float32 out: its alpha * T
+    pair_used,  # [workers] int64 out: such visits per worker (those beyond its capacity are counted, not written)
 ):
     num_tiles = tile_starts.shape[0] - 1
     K = colors.shape[1]
@@ -166,10 +173,14 @@ def composite_tiles(
     pixels_per_camera = width * height
     record = mode == MODE_RENDER and rec_tile.shape[0] > 0
     capacity = rec_pixel.shape[0] // workers if record else 0
+    pairs = mode == MODE_RENDER and pair_used.shape[0] > 0 and sparse_pixels.shape[0] > 0
+    pair_capacity = pair_pixel.shape[0] // workers if pairs else 0
     for worker in prange(workers):  # it takes tiles worker, worker + workers, ...: both halves of the image
         pos = worker * capacity  # its part of the record: [worker * capacity, (worker + 1) * capacity)
         end = pos + capacity
         used = 0
+        pair_base = worker * pair_capacity
+        pair_n = 0
         for t in range(worker, num_tiles, workers):
             cam, x0, y0, x1, y1 = _tile_box(t, width, height, tile_size, tile_width, tiles_per_camera)
             tw = x1 - x0
@@ -240,6 +251,12 @@ def composite_tiles(
                             if dense < K and sparse_pixels[pid]:
                                 for k in range(dense, K):
                                     acc[i, k] += wf * colors[g, k]
+                            if pairs and sparse_pixels[pid]:
+                                if pair_n < pair_capacity:
+                                    pair_pixel[pair_base + pair_n] = pid
+                                    pair_entry[pair_base + pair_n] = g
+                                    pair_weight[pair_base + pair_n] = wf
+                                pair_n += 1
                             last[i] = e
                             if keep:
                                 if pos < end:
@@ -294,6 +311,8 @@ def composite_tiles(
                         out_last[pid] = last[i]
         if record:
             rec_used[worker] = used
+        if pairs:
+            pair_used[worker] = pair_n
 
 
 @njit(cache=True, inline="always")
@@ -491,4 +510,26 @@ def reduce_entries(
             if g >= lo and g < hi:
                 for d in range(D):
                     out[g, d] += per_entry[e, d]
+    return out
+
+
+@njit(cache=True)
+def weighted_rows(
+    index_out,  # [P] int64 row of the output each pair adds to
+    index_in,  # [P] int64 row of `source` it reads
+    weight,  # [P] float32
+    source,  # [R, E] float32
+    num_out,  # output rows
+):
+    """[num_out, E] float32: out[index_out[k]] += weight[k] * source[index_in[k]] over the pairs k, in
+    order. Channels composited from a visit list with fixed weights (features at a loss's sampled
+    pixels, `compiled.composite(sparse_pairs=True)`), and with the indices swapped its gradient."""
+    E = source.shape[1]
+    out = np.zeros((num_out, E), dtype=np.float32)
+    for k in range(index_out.shape[0]):
+        o = index_out[k]
+        i = index_in[k]
+        w = weight[k]
+        for e in range(E):
+            out[o, e] += w * source[i, e]
     return out

@@ -249,12 +249,25 @@ def _composite_compiled(
     means2d, conics, opacities, colors, backgrounds, radii, depths, isect, width, height, tile_size, absgrad_buffer,
     extra_colors, extra_grad_to_geometry, extra_pixels,
 ):
-    """All cameras in one pass of the compiled kernels; extra colours ride along as channels with a
-    zero background, their gradients kept off the geometry unless asked, composited only at
-    `extra_pixels` when given."""
+    """All cameras in one pass of the compiled kernels. Extra colours at `extra_pixels` whose gradients
+    stay off the geometry: from the render's list of visits there (`compiled.composite(sparse_pairs=
+    True)`), as index sums with the visits' weights. Otherwise they ride along as channels with a zero
+    background, their gradients kept off the geometry unless asked, composited only at `extra_pixels`
+    when given."""
     from trace3d_ns.cuda import compiled
 
     C, _, D = colors.shape
+    if extra_colors is not None and extra_pixels is not None and not extra_grad_to_geometry:
+        # a few pixels of channels that do not move the geometry: composited from the visits the
+        # render lists there, with their (fixed) weights; the tile kernels stay on the colours alone
+        render, alpha, pixel, entry, weight = compiled.composite(
+            means2d, conics, opacities, colors, backgrounds, isect, width, height, tile_size, absgrad=absgrad_buffer,
+            sparse_pixels=extra_pixels, sparse_pairs=True,
+        )
+        features = extra_colors.to(colors.dtype)  # [N, E]
+        gaussian = entry.long() % features.shape[0]  # [P]
+        extra = compiled.weighted_rows(features, pixel, gaussian, weight, C * width * height)  # [C * H * W, E], 0 outside extra_pixels
+        return render, alpha, extra.reshape(C, height, width, -1)
     channels = colors
     if extra_colors is not None:
         channels = torch.cat([colors, extra_colors.expand(C, -1, -1).to(colors.dtype)], dim=-1)  # [C, N, D + E]
