@@ -52,31 +52,36 @@ def _covariance(R, s0, s1, s2):
     return (sxx, sxy, sxz, syy, syz, szz), m
 
 
-@njit(cache=True)
-def _sym_at(S, i, j):
-    """Entry (i, j) of a symmetric 3x3 stored as (xx, xy, xz, yy, yz, zz)."""
-    if i > j:
-        i, j = j, i
-    if i == 0:
-        return S[j]
-    if i == 1:
-        return S[2 + j]
-    return S[5]
-
-
-@njit(cache=True)
-def _to_camera(V, means, n, S, RS, Sc):
+@njit(cache=True, inline="always")
+def _to_camera(V, means, n, S, Sc):
     """Camera-space mean (tx, ty, tz) of Gaussian n, and its camera covariance R S R^T written to
-    Sc [3, 3] (RS [3, 3]: scratch)."""
-    tx = V[0, 0] * means[n, 0] + V[0, 1] * means[n, 1] + V[0, 2] * means[n, 2] + V[0, 3]
-    ty = V[1, 0] * means[n, 0] + V[1, 1] * means[n, 1] + V[1, 2] * means[n, 2] + V[1, 3]
-    tz = V[2, 0] * means[n, 0] + V[2, 1] * means[n, 1] + V[2, 2] * means[n, 2] + V[2, 3]
-    for i in range(3):
-        for j in range(3):
-            RS[i, j] = V[i, 0] * _sym_at(S, 0, j) + V[i, 1] * _sym_at(S, 1, j) + V[i, 2] * _sym_at(S, 2, j)
-    for i in range(3):
-        for j in range(3):
-            Sc[i, j] = RS[i, 0] * V[j, 0] + RS[i, 1] * V[j, 1] + RS[i, 2] * V[j, 2]
+    Sc [3, 3] (S the world covariance as (xx, xy, xz, yy, yz, zz)), written out in scalars."""
+    m0, m1, m2 = means[n, 0], means[n, 1], means[n, 2]
+    v00, v01, v02 = V[0, 0], V[0, 1], V[0, 2]
+    v10, v11, v12 = V[1, 0], V[1, 1], V[1, 2]
+    v20, v21, v22 = V[2, 0], V[2, 1], V[2, 2]
+    tx = v00 * m0 + v01 * m1 + v02 * m2 + V[0, 3]
+    ty = v10 * m0 + v11 * m1 + v12 * m2 + V[1, 3]
+    tz = v20 * m0 + v21 * m1 + v22 * m2 + V[2, 3]
+    sxx, sxy, sxz, syy, syz, szz = S
+    a00 = v00 * sxx + v01 * sxy + v02 * sxz  # (R S)[i, j]
+    a01 = v00 * sxy + v01 * syy + v02 * syz
+    a02 = v00 * sxz + v01 * syz + v02 * szz
+    a10 = v10 * sxx + v11 * sxy + v12 * sxz
+    a11 = v10 * sxy + v11 * syy + v12 * syz
+    a12 = v10 * sxz + v11 * syz + v12 * szz
+    a20 = v20 * sxx + v21 * sxy + v22 * sxz
+    a21 = v20 * sxy + v21 * syy + v22 * syz
+    a22 = v20 * sxz + v21 * syz + v22 * szz
+    Sc[0, 0] = a00 * v00 + a01 * v01 + a02 * v02  # (R S R^T)[i, j]
+    Sc[0, 1] = a00 * v10 + a01 * v11 + a02 * v12
+    Sc[0, 2] = a00 * v20 + a01 * v21 + a02 * v22
+    Sc[1, 0] = a10 * v00 + a11 * v01 + a12 * v02
+    Sc[1, 1] = a10 * v10 + a11 * v11 + a12 * v12
+    Sc[1, 2] = a10 * v20 + a11 * v21 + a12 * v22
+    Sc[2, 0] = a20 * v00 + a21 * v01 + a22 * v02
+    Sc[2, 1] = a20 * v10 + a21 * v11 + a22 * v12
+    Sc[2, 2] = a20 * v20 + a21 * v21 + a22 * v22
     return tx, ty, tz
 
 
@@ -89,6 +94,20 @@ def _cov2d(Sc, j00, j02, j11, j12):
     b10 = j11 * (j00 * Sc[1, 0] + j02 * Sc[1, 2]) + j12 * (j00 * Sc[2, 0] + j02 * Sc[2, 2])
     c0 = j11 * (j11 * Sc[1, 1] + j12 * Sc[2, 1]) + j12 * (j11 * Sc[1, 2] + j12 * Sc[2, 2])
     return a0, 0.5 * (b01 + b10), c0
+
+
+@njit(cache=True)
+def _clamp_bounds(Ks, width, height):
+    """[C, 4]: (lo_x, hi_x, lo_y, hi_y), the range of x / z and y / z the projection's Jacobian is
+    evaluated in (gsplat: the image widened by 30% of its half-size on each side)."""
+    C = Ks.shape[0]
+    out = np.empty((C, 4))
+    for cam in range(C):
+        fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
+        margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
+        out[cam, 0], out[cam, 1] = -(cx / fx + margin_x), (width - cx) / fx + margin_x
+        out[cam, 2], out[cam, 3] = -(cy / fy + margin_y), (height - cy) / fy + margin_y
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -112,8 +131,8 @@ def project_forward(
 ):
     N = means.shape[0]
     C = viewmats.shape[0]
+    bounds = _clamp_bounds(Ks, width, height)
     for chunk in prange((N + CHUNK - 1) // CHUNK):
-        RS = np.empty((3, 3))
         Sc = np.empty((3, 3))
         for n in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
             _, _, _, _, _, Rq = _rotation(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
@@ -121,22 +140,24 @@ def project_forward(
             for cam in range(C):
                 V = viewmats[cam]
                 fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
-                tx, ty, tz = _to_camera(V, means, n, S, RS, Sc)
-                mx = fx * tx / tz + cx
-                my = fy * ty / tz + cy
-                margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
-                u = min(max(tx / tz, -(cx / fx + margin_x)), (width - cx) / fx + margin_x)
-                v = min(max(ty / tz, -(cy / fy + margin_y)), (height - cy) / fy + margin_y)
-                j00, j02, j11, j12 = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
+                tx, ty, tz = _to_camera(V, means, n, S, Sc)
+                itz = 1.0 / tz  # one division per Gaussian and camera, then products
+                rx, ry = tx * itz, ty * itz
+                mx = fx * rx + cx
+                my = fy * ry + cy
+                u = min(max(rx, bounds[cam, 0]), bounds[cam, 1])
+                v = min(max(ry, bounds[cam, 2]), bounds[cam, 3])
+                j00, j02, j11, j12 = fx * itz, -fx * u * itz, fy * itz, -fy * v * itz
                 a0, b, c0 = _cov2d(Sc, j00, j02, j11, j12)
                 det_orig = a0 * c0 - b * b
                 a, c = a0 + eps2d, c0 + eps2d
                 det_blur = a * c - b * b
                 det = max(det_blur, 1e-10)
-                conics[cam, n, 0] = c / det
-                conics[cam, n, 1] = -b / det
-                conics[cam, n, 2] = a / det
-                compensations[cam, n] = math.sqrt(max(det_orig / det, 0.0))
+                idet = 1.0 / det
+                conics[cam, n, 0] = c * idet
+                conics[cam, n, 1] = -b * idet
+                conics[cam, n, 2] = a * idet
+                compensations[cam, n] = math.sqrt(max(det_orig * idet, 0.0))
                 means2d[cam, n, 0] = mx
                 means2d[cam, n, 1] = my
                 depths[cam, n] = tz
@@ -168,23 +189,15 @@ def project_backward(
 ):
     N = means.shape[0]
     C = viewmats.shape[0]
+    bounds = _clamp_bounds(Ks, width, height)
     for chunk in prange((N + CHUNK - 1) // CHUNK):
-        RS = np.empty((3, 3))
         Sc = np.empty((3, 3))
-        J = np.empty((2, 3))
-        cov = np.empty((2, 2))
-        vcov = np.empty((2, 2))
-        vSc = np.empty((3, 3))
-        W = np.empty((3, 3))
-        vS = np.empty((3, 3))  # dL / d world covariance
-        vM = np.empty((3, 3))
-        v_s = np.empty(3)
         vR = np.empty(9)
         for n in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
             w, x, y, z, qnorm, Rq = _rotation(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
             s0, s1, s2 = scales[n, 0], scales[n, 1], scales[n, 2]
             S, M = _covariance(Rq, s0, s1, s2)
-            vS[:] = 0.0
+            s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = 0.0  # dL / d world covariance
             vm0 = 0.0
             vm1 = 0.0
             vm2 = 0.0
@@ -195,14 +208,14 @@ def project_backward(
                 seen = True
                 V = viewmats[cam]
                 fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
-                tx, ty, tz = _to_camera(V, means, n, S, RS, Sc)
-                margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
-                lo_x, hi_x = -(cx / fx + margin_x), (width - cx) / fx + margin_x
-                lo_y, hi_y = -(cy / fy + margin_y), (height - cy) / fy + margin_y
-                rx, ry = tx / tz, ty / tz
+                tx, ty, tz = _to_camera(V, means, n, S, Sc)
+                lo_x, hi_x, lo_y, hi_y = bounds[cam, 0], bounds[cam, 1], bounds[cam, 2], bounds[cam, 3]
+                itz = 1.0 / tz
+                itz2 = itz * itz
+                rx, ry = tx * itz, ty * itz
                 u = min(max(rx, lo_x), hi_x)
                 v = min(max(ry, lo_y), hi_y)
-                j00, j02, j11, j12 = fx / tz, -fx * u / tz, fy / tz, -fy * v / tz
+                j00, j02, j11, j12 = fx * itz, -fx * u * itz, fy * itz, -fy * v * itz
                 a0, b, c0 = _cov2d(Sc, j00, j02, j11, j12)
                 det_orig = a0 * c0 - b * b
                 a, c = a0 + eps2d, c0 + eps2d
@@ -210,7 +223,8 @@ def project_backward(
                 clamped = not (det_blur > 1e-10)
                 det = 1e-10 if clamped else det_blur
                 g0, g1, g2 = v_conics[cam, n, 0], v_conics[cam, n, 1], v_conics[cam, n, 2]
-                inv, inv2 = 1.0 / det, 1.0 / (det * det)
+                inv = 1.0 / det
+                inv2 = inv * inv
                 # conic = (c, -b, a) / det, det = a c - b^2 (constant where clamped)
                 va = g2 * inv
                 vb = -g1 * inv
@@ -237,33 +251,48 @@ def project_backward(
                 p00, p01, p02 = va * j00, vb2 * j11, va * j02 + vb2 * j12
                 p10, p11, p12 = vb2 * j00, vc * j11, vb2 * j02 + vc * j12
                 # cov = J Sc J^T: v_Sc = J^T P, v_J = 2 P Sc (vcov, Sc symmetric)
-                vSc[0, 0], vSc[0, 1], vSc[0, 2] = j00 * p00, j00 * p01, j00 * p02
-                vSc[1, 0], vSc[1, 1], vSc[1, 2] = j11 * p10, j11 * p11, j11 * p12
-                vSc[2, 0], vSc[2, 1], vSc[2, 2] = j02 * p00 + j12 * p10, j02 * p01 + j12 * p11, j02 * p02 + j12 * p12
+                e00, e01, e02 = j00 * p00, j00 * p01, j00 * p02  # v_Sc
+                e10, e11, e12 = j11 * p10, j11 * p11, j11 * p12
+                e20, e21, e22 = j02 * p00 + j12 * p10, j02 * p01 + j12 * p11, j02 * p02 + j12 * p12
                 vJ00 = 2.0 * (p00 * Sc[0, 0] + p01 * Sc[1, 0] + p02 * Sc[2, 0])
                 vJ02 = 2.0 * (p00 * Sc[0, 2] + p01 * Sc[1, 2] + p02 * Sc[2, 2])
                 vJ11 = 2.0 * (p10 * Sc[0, 1] + p11 * Sc[1, 1] + p12 * Sc[2, 1])
                 vJ12 = 2.0 * (p10 * Sc[0, 2] + p11 * Sc[1, 2] + p12 * Sc[2, 2])
-                # Sc = V S V^T: v_S += V^T vSc V, as V^T (vSc V)
-                for k in range(3):
-                    for j in range(3):
-                        W[k, j] = vSc[k, 0] * V[0, j] + vSc[k, 1] * V[1, j] + vSc[k, 2] * V[2, j]
-                for i in range(3):
-                    for j in range(3):
-                        vS[i, j] += V[0, i] * W[0, j] + V[1, i] * W[1, j] + V[2, i] * W[2, j]
+                # Sc = V S V^T: v_S += V^T v_Sc V, as V^T (v_Sc V), in scalars
+                v00, v01, v02 = V[0, 0], V[0, 1], V[0, 2]
+                v10, v11, v12 = V[1, 0], V[1, 1], V[1, 2]
+                v20, v21, v22 = V[2, 0], V[2, 1], V[2, 2]
+                w00 = e00 * v00 + e01 * v10 + e02 * v20
+                w01 = e00 * v01 + e01 * v11 + e02 * v21
+                w02 = e00 * v02 + e01 * v12 + e02 * v22
+                w10 = e10 * v00 + e11 * v10 + e12 * v20
+                w11 = e10 * v01 + e11 * v11 + e12 * v21
+                w12 = e10 * v02 + e11 * v12 + e12 * v22
+                w20 = e20 * v00 + e21 * v10 + e22 * v20
+                w21 = e20 * v01 + e21 * v11 + e22 * v21
+                w22 = e20 * v02 + e21 * v12 + e22 * v22
+                s00 += v00 * w00 + v10 * w10 + v20 * w20
+                s01 += v00 * w01 + v10 * w11 + v20 * w21
+                s02 += v00 * w02 + v10 * w12 + v20 * w22
+                s10 += v01 * w00 + v11 * w10 + v21 * w20
+                s11 += v01 * w01 + v11 * w11 + v21 * w21
+                s12 += v01 * w02 + v11 * w12 + v21 * w22
+                s20 += v02 * w00 + v12 * w10 + v22 * w20
+                s21 += v02 * w01 + v12 * w11 + v22 * w21
+                s22 += v02 * w02 + v12 * w12 + v22 * w22
                 # J(tz, u, v), u = clamp(tx / tz), v = clamp(ty / tz)
-                vtx = v_means2d[cam, n, 0] * fx / tz
-                vty = v_means2d[cam, n, 1] * fy / tz
-                vtz = -(v_means2d[cam, n, 0] * fx * tx + v_means2d[cam, n, 1] * fy * ty) / (tz * tz) + v_depths[cam, n]
-                vtz += (-vJ00 * fx - vJ11 * fy + vJ02 * fx * u + vJ12 * fy * v) / (tz * tz)
-                vu = -vJ02 * fx / tz
-                vv = -vJ12 * fy / tz
+                vtx = v_means2d[cam, n, 0] * fx * itz
+                vty = v_means2d[cam, n, 1] * fy * itz
+                vtz = -(v_means2d[cam, n, 0] * fx * tx + v_means2d[cam, n, 1] * fy * ty) * itz2 + v_depths[cam, n]
+                vtz += (-vJ00 * fx - vJ11 * fy + vJ02 * fx * u + vJ12 * fy * v) * itz2
+                vu = -vJ02 * fx * itz
+                vv = -vJ12 * fy * itz
                 if rx >= lo_x and rx <= hi_x:
-                    vtx += vu / tz
-                    vtz -= vu * tx / (tz * tz)
+                    vtx += vu * itz
+                    vtz -= vu * tx * itz2
                 if ry >= lo_y and ry <= hi_y:
-                    vty += vv / tz
-                    vtz -= vv * ty / (tz * tz)
+                    vty += vv * itz
+                    vtz -= vv * ty * itz2
                 vm0 += V[0, 0] * vtx + V[1, 0] * vty + V[2, 0] * vtz
                 vm1 += V[0, 1] * vtx + V[1, 1] * vty + V[2, 1] * vtz
                 vm2 += V[0, 2] * vtx + V[1, 2] * vty + V[2, 2] * vtz
@@ -272,20 +301,27 @@ def project_backward(
                 v_quats[n, :] = 0.0
                 v_scales[n, :] = 0.0
                 continue
-            # S = M M^T: v_M = (vS + vS^T) M
-            for i in range(3):
-                for j in range(3):
-                    s = 0.0
-                    for k in range(3):
-                        s += (vS[i, k] + vS[k, i]) * M[3 * k + j]
-                    vM[i, j] = s
+            # S = M M^T: v_M = (vS + vS^T) M, written out (M and Rq are tuples: no runtime indexing)
+            q00, q11, q22 = s00 + s00, s11 + s11, s22 + s22
+            q01, q02, q12 = s01 + s10, s02 + s20, s12 + s21
+            m0, m1, m2, m3, m4, m5, m6, m7, m8 = M
+            g00 = q00 * m0 + q01 * m3 + q02 * m6
+            g01 = q00 * m1 + q01 * m4 + q02 * m7
+            g02 = q00 * m2 + q01 * m5 + q02 * m8
+            g10 = q01 * m0 + q11 * m3 + q12 * m6
+            g11 = q01 * m1 + q11 * m4 + q12 * m7
+            g12 = q01 * m2 + q11 * m5 + q12 * m8
+            g20 = q02 * m0 + q12 * m3 + q22 * m6
+            g21 = q02 * m1 + q12 * m4 + q22 * m7
+            g22 = q02 * m2 + q12 * m5 + q22 * m8
             # M = Rq diag(s)
-            v_s[:] = 0.0
-            for i in range(3):
-                for j in range(3):
-                    v_s[j] += vM[i, j] * Rq[3 * i + j]
-                    vR[3 * i + j] = vM[i, j] * (s0 if j == 0 else (s1 if j == 1 else s2))
-            v_scales[n, 0], v_scales[n, 1], v_scales[n, 2] = v_s[0], v_s[1], v_s[2]
+            r0, r1, r2, r3, r4, r5, r6, r7, r8 = Rq
+            v_scales[n, 0] = g00 * r0 + g10 * r3 + g20 * r6
+            v_scales[n, 1] = g01 * r1 + g11 * r4 + g21 * r7
+            v_scales[n, 2] = g02 * r2 + g12 * r5 + g22 * r8
+            vR[0], vR[1], vR[2] = g00 * s0, g01 * s1, g02 * s2
+            vR[3], vR[4], vR[5] = g10 * s0, g11 * s1, g12 * s2
+            vR[6], vR[7], vR[8] = g20 * s0, g21 * s1, g22 * s2
             # rotation of the normalised quaternion
             vw = 2.0 * (-z * vR[1] + y * vR[2] + z * vR[3] - x * vR[5] - y * vR[6] + x * vR[7])
             vx = 2.0 * (y * vR[1] + z * vR[2] + y * vR[3] - 2.0 * x * vR[4] - w * vR[5] + z * vR[6] + w * vR[7] - 2.0 * x * vR[8])
