@@ -107,6 +107,34 @@ def test_fast_loss_takes_the_gradient_of_the_upstream_scale():
         assert float(unit.abs().max()) > 0
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_the_loss_on_more_threads_gives_the_same_loss_and_gradient_and_restores_the_threads(fallback):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.cat([torch.randint(1, 6, (300,), generator=g), torch.zeros(60, dtype=torch.long)])
+    base = (8.0 if fallback else 0.3) * torch.randn(360, 16, generator=g)  # far apart: the reference path
+    before = torch.get_num_threads()
+    out = {}
+    for threads in (None, before + 1):
+        f = base.clone().requires_grad_(True)
+        loss = contrastive_loss(f, labels, 1.0, threads=threads)
+        assert torch.get_num_threads() == before
+        loss.backward()
+        assert torch.get_num_threads() == before
+        out[threads] = (loss.detach(), f.grad)
+    (l1, g1), (l2, g2) = out.values()
+    torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g2, g1, atol=1e-7, rtol=1e-4)
+
+
+def test_the_model_runs_its_loss_on_every_core_unless_told():
+    model = _model(None)
+    from trace3d_ns.device import cpu_cores
+
+    assert model._contrastive_threads() == cpu_cores()
+    model.config.contrastive_threads = 1
+    assert model._contrastive_threads() == 1
+
+
 def test_loss_ignores_pixels_without_positives():
     f = torch.randn(3, 4, requires_grad=True)
     loss = contrastive_loss(f, torch.tensor([1, 2, 3]), 10.0)

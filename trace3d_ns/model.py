@@ -26,7 +26,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from trace3d_ns.data.patches import downscale_patches
-from trace3d_ns.device import keep_freed_host_memory, require_device, require_gsplat_cuda
+from trace3d_ns.device import cpu_cores, keep_freed_host_memory, require_device, require_gsplat_cuda
 from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
 from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
@@ -135,6 +135,10 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     thread was 4x faster than two on a loaded 2-core machine."""
     compiled_threads: int = 0
     """Threads of the compiled CPU kernels, parallel over image tiles (0 = every core)."""
+    contrastive_threads: int = 0
+    """torch intra-op threads of the contrastive loss on the CPU (0 = every core), whatever
+    ``cpu_threads`` says: its [M, M] products are few and large, where threads pay (6.4 ms forward
+    and backward at 1280 samples on one thread, 4 ms on two, the rest of the step idle meanwhile)."""
     cpu_keep_freed_memory: bool = True
     """On the CPU, let the process keep freed memory (up to 1 GiB of it) for the next step's arrays
     instead of handing it to the OS and faulting fresh pages in again (glibc only; see
@@ -486,14 +490,25 @@ class Trace3DModel(SplatfactoModel):
         if sample is not None:
             picked, labels, alike = sample
             features = outputs["feature"].reshape(-1, outputs["feature"].shape[-1])[picked]
-            loss = contrastive_loss(features, labels, self.config.contrastive_temperature, alike)
+            threads = self._contrastive_threads()
+            loss = contrastive_loss(features, labels, self.config.contrastive_temperature, alike, threads)
             raw = self._raw_patch_labels(batch, picked)
             if raw is not None:
                 w = self.config.contrastive_raw_weight
-                raw_loss = contrastive_loss(features, raw, self.config.contrastive_temperature, self._patch_alike(batch))
+                raw_loss = contrastive_loss(
+                    features, raw, self.config.contrastive_temperature, self._patch_alike(batch), threads
+                )
                 loss = (1.0 - w) * loss + w * raw_loss
             loss_dict["contrastive_loss"] = self.config.contrastive_weight * loss
         return loss_dict
+
+    def _contrastive_threads(self) -> Optional[int]:
+        """Threads for the contrastive loss (``contrastive_threads``; None off the CPU: as set)."""
+        if self.device.type != "cpu":
+            return None
+        if self.config.contrastive_threads > 0:
+            return self.config.contrastive_threads
+        return cpu_cores()
 
     VIEWER_FIRST = ("rgb", "feature_pca", "instance", "selection")
     """Leading outputs of ``get_outputs_for_camera``. The viewer's output dropdown lists the keys in

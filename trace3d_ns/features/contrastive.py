@@ -27,7 +27,8 @@ against, and what the fast path falls back to on batches it cannot take exactly.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,20 @@ def _alike_blocks(sorted_labels: Tensor, alike: Tensor) -> List[Tuple[Tuple[int,
     return [(runs[i], runs[j]) for i, j in pairs.nonzero().tolist()]
 
 
+@contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (None or the current count: as is)."""
+    previous = torch.get_num_threads()
+    if threads is None or threads <= 0 or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _Contrastive(torch.autograd.Function):
     """The loss with its gradient written out, on features sorted by label so that the positives of
     an anchor are the other rows of its label's block. With A_i = [f_i, |f_i|^2, 1] and
@@ -213,7 +228,13 @@ class _Contrastive(torch.autograd.Function):
     this is not exact (see ``_MIN_ROW_SUM``) take the reference."""
 
     @staticmethod
-    def forward(ctx, features, labels, order, blocks, temperature, alike):
+    def forward(ctx, features, labels, order, blocks, temperature, alike, threads):
+        ctx.threads = threads
+        with torch_threads(threads):
+            return _Contrastive._forward(ctx, features, labels, order, blocks, temperature, alike)
+
+    @staticmethod
+    def _forward(ctx, features, labels, order, blocks, temperature, alike):
         f = features[order]  # [M, D] sorted by label
         sq = (f * f).sum(dim=1, keepdim=True)  # [M, 1]
         ones = torch.ones_like(sq)
@@ -250,6 +271,11 @@ class _Contrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch_threads(ctx.threads):
+            return _Contrastive._backward(ctx, grad) + (None,)
+
+    @staticmethod
+    def _backward(ctx, grad):
         if ctx.fallback:
             (g,) = ctx.saved_tensors
             return g * grad, None, None, None, None, None
@@ -273,9 +299,13 @@ class _Contrastive(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
-def contrastive_loss(features: Tensor, labels: Tensor, temperature: float, alike: Optional[Tensor] = None) -> Tensor:
+def contrastive_loss(
+    features: Tensor, labels: Tensor, temperature: float, alike: Optional[Tensor] = None, threads: Optional[int] = None
+) -> Tensor:
     """features [M, D], labels [M] (0: negative only) -> scalar loss (0 when no pixel has a positive).
-    ``alike`` [L, L] (label values < L): pairs of different labels marked alike are no negatives."""
+    ``alike`` [L, L] (label values < L): pairs of different labels marked alike are no negatives.
+    ``threads``: torch intra-op threads for its forward and backward (None: as set), e.g. every core
+    for the [M, M] products while the rest of a CPU step runs on one."""
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
     order, blocks = _label_blocks(labels)
@@ -283,4 +313,4 @@ def contrastive_loss(features: Tensor, labels: Tensor, temperature: float, alike
         return features.sum() * 0.0
     if alike is not None:
         _check_alike(labels, alike)
-    return _Contrastive.apply(features, labels, order, blocks, float(temperature), alike)
+    return _Contrastive.apply(features, labels, order, blocks, float(temperature), alike, threads)
