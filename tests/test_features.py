@@ -126,13 +126,24 @@ def test_the_loss_on_more_threads_gives_the_same_loss_and_gradient_and_restores_
     torch.testing.assert_close(g2, g1, atol=1e-7, rtol=1e-4)
 
 
-def test_the_model_runs_its_loss_on_every_core_unless_told():
-    model = _model(None)
-    from trace3d_ns.device import cpu_cores
+def test_the_model_runs_its_loss_on_the_kernels_threads_unless_told():
+    from trace3d_ns.cuda import compiled
 
-    assert model._contrastive_threads() == cpu_cores()
-    model.config.contrastive_threads = 1
-    assert model._contrastive_threads() == 1
+    model = _model(None)
+    assert model.backend == "compiled"
+    before = compiled.kernel_threads()
+    try:
+        compiled.set_threads(1)
+        assert model._contrastive_threads() == 1  # e.g. NUMBA_NUM_THREADS=1 beside another training
+        compiled.set_threads(0)
+        assert model._contrastive_threads() == compiled.kernel_threads()
+    finally:
+        compiled.set_threads(before)
+    model.config.contrastive_threads = 3
+    assert model._contrastive_threads() == 3
+    model.backend = "torch"
+    model.config.contrastive_threads = 0
+    assert model._contrastive_threads() is None
 
 
 def test_loss_ignores_pixels_without_positives():

@@ -126,12 +126,3 @@ def release_freed_host_memory() -> bool:
     _LIBC_TRIM(0)
     return True
 
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS tells it, else the machine's)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)

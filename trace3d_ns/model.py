@@ -26,7 +26,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from trace3d_ns.data.patches import downscale_patches
-from trace3d_ns.device import cpu_cores, keep_freed_host_memory, require_device, require_gsplat_cuda
+from trace3d_ns.device import keep_freed_host_memory, require_device, require_gsplat_cuda
 from trace3d_ns.features.contrastive import contrastive_loss, sample_labelled_pixels
 from trace3d_ns.features.pca import FeaturePCA
 from trace3d_ns.metrics import offline_lpips
@@ -136,9 +136,11 @@ class Trace3DModelConfig(SplatfactoModelConfig):
     compiled_threads: int = 0
     """Threads of the compiled CPU kernels, parallel over image tiles (0 = every core)."""
     contrastive_threads: int = 0
-    """torch intra-op threads of the contrastive loss on the CPU (0 = every core), whatever
-    ``cpu_threads`` says: its [M, M] products are few and large, where threads pay (6.4 ms forward
-    and backward at 1280 samples on one thread, 4 ms on two, the rest of the step idle meanwhile)."""
+    """torch intra-op threads of the contrastive loss on the CPU, whatever ``cpu_threads`` says: its
+    [M, M] products are few and large, where threads pay (6.4 ms forward and backward at 1280
+    samples on one thread, 4 ms on two, the rest of the step idle meanwhile). 0: as many as the
+    compiled kernels use (every core unless ``compiled_threads`` or NUMBA_NUM_THREADS say fewer);
+    with the torch backend, ``cpu_threads``."""
     cpu_keep_freed_memory: bool = True
     """On the CPU, let the process keep freed memory (up to 1 GiB of it) for the next step's arrays
     instead of handing it to the OS and faulting fresh pages in again (glibc only; see
@@ -508,7 +510,11 @@ class Trace3DModel(SplatfactoModel):
             return None
         if self.config.contrastive_threads > 0:
             return self.config.contrastive_threads
-        return cpu_cores()
+        if self.backend == "compiled":
+            from trace3d_ns.cuda.compiled import kernel_threads
+
+            return kernel_threads()
+        return None
 
     VIEWER_FIRST = ("rgb", "feature_pca", "instance", "selection")
     """Leading outputs of ``get_outputs_for_camera``. The viewer's output dropdown lists the keys in

@@ -76,11 +76,16 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if threads <= 0 else min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _chunks() -> int:
-    """Parallel chunks for the kernels that split work by hand: the threads numba uses now."""
+def kernel_threads() -> int:
+    """Threads the kernels use now (numba's; see `set_threads`)."""
     import numba
 
     return max(1, numba.get_num_threads())
+
+
+def _chunks() -> int:
+    """Parallel chunks for the kernels that split work by hand: the threads numba uses now."""
+    return kernel_threads()
 
 
 def _np(t: Tensor, dtype) -> np.ndarray:
