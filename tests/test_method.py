@@ -70,6 +70,42 @@ def _camera(width=40, height=30):
     )
 
 
+@pytest.mark.parametrize("step", [0, 1, 5])
+def test_the_render_reads_the_sh_coefficients_of_the_active_degree_only(step):
+    """While the degree ramps up the model passes only the active coefficients: the same render as
+    with all of them, and every coefficient still gets a gradient (zero for the inactive ones)."""
+    from trace3d_ns.rendering import rasterize
+
+    from nerfstudio.engine.optimizers import Optimizers
+    from trace3d_ns.config import trace3d_trainer_config
+
+    model = _model(None)  # sh_degree 1, one step per degree
+    with torch.no_grad():
+        model.features_rest.normal_(0.0, 0.3)
+    model.step_cb(Optimizers(trace3d_trainer_config().optimizers, model.get_param_groups()), step)
+    model.config.background_color = "black"
+    assert model.step == step
+    degree = min(step, model.config.sh_degree)
+    model.train()
+    viewmat, K, W, H = model.camera_matrices(_camera())
+    out = model.get_outputs(_camera())
+    g = model.activated_gaussians()
+    assert g["sh"].shape[1] == (model.config.sh_degree + 1) ** 2  # without a degree: all coefficients
+    with torch.no_grad():
+        full, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmat, K, W, H,
+                                   sh_degree=degree, backend=model.backend)
+    torch.testing.assert_close(out["accumulation"], alpha[0])
+    background = model._get_background_color()  # black: not the random training colour
+    expected = torch.clamp(full[..., :3] + (1 - alpha) * background, 0.0, 1.0)[0]
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(out["rgb"], expected, atol=2e-6, rtol=1e-5)
+    out["rgb"].mean().backward()
+    grad = model.features_rest.grad
+    assert grad is not None and grad.shape == model.features_rest.shape
+    active = (degree + 1) ** 2 - 1
+    assert (grad[:, active:] == 0).all() and (active == 0 or grad[:, :active].abs().sum() > 0)
+
+
 @pytest.mark.parametrize("with_seed", [True, False])
 def test_model_renders_and_trains_on_cpu(with_seed):
     g = torch.Generator().manual_seed(0)

@@ -339,18 +339,23 @@ class Trace3DModel(SplatfactoModel):
             self.instance_traces = None  # stale: density control re-traces
 
     # ---- rendering ----------------------------------------------------------------------------
-    def activated_gaussians(self, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
-        """Rasterizer-ready tensors (scales exp'd, opacities sigmoid'd), optionally a subset."""
+    def activated_gaussians(self, mask: Optional[Tensor] = None, sh_degree: Optional[int] = None) -> Dict[str, Tensor]:
+        """Rasterizer-ready tensors (scales exp'd, opacities sigmoid'd), optionally a subset; with
+        `sh_degree`, "sh" holds only the coefficients up to that degree (the rest would be read by no
+        one: while training ramps the degree up, copying them costs a few % of a CPU step)."""
 
         def pick(t: Tensor) -> Tensor:
             return t if mask is None else t[mask]
 
+        rest = pick(self.features_rest)
+        if sh_degree is not None:
+            rest = rest[:, : (sh_degree + 1) ** 2 - 1]
         return {
             "means": pick(self.means),
             "quats": pick(self.quats),
             "scales": torch.exp(pick(self.scales)),
             "opacities": torch.sigmoid(pick(self.opacities)).squeeze(-1),
-            "sh": torch.cat([pick(self.features_dc)[:, None, :], pick(self.features_rest)], dim=1),
+            "sh": torch.cat([pick(self.features_dc)[:, None, :], rest], dim=1),
             **({"features": pick(self.gauss_params["features"])} if self.has_features else {}),
         }
 
@@ -382,10 +387,11 @@ class Trace3DModel(SplatfactoModel):
                 return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
         viewmat, K, W, H = self.camera_matrices(camera)
         self.last_size = (H, W)
-        g = self.activated_gaussians(mask)
+        active = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        g = self.activated_gaussians(mask, sh_degree=active if self.config.sh_degree > 0 else None)
 
         if self.config.sh_degree > 0:
-            colors, sh_degree = g["sh"], min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+            colors, sh_degree = g["sh"], active
         else:
             colors, sh_degree = torch.sigmoid(g["sh"]).squeeze(1), None  # [N, 3]
         render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
