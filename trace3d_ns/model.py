@@ -176,7 +176,7 @@ class Trace3DModel(SplatfactoModel):
             from trace3d_ns.cuda.ssim import SSIM
 
             set_threads(self.config.compiled_threads)
-            # the loss's SSIM in compiled kernels too (pytorch_msssim's convolutions were ~10% of a CPU step)
+            # the loss's SSIM in compiled kernels too (pytorch_msssim's convolutions were ~5% of a CPU step)
             self.ssim = SSIM(data_range=1.0, channel=3)
 
     # ---- set-up -------------------------------------------------------------------------------
