@@ -362,7 +362,7 @@ def test_the_render_lists_its_visits_at_sparse_pixels_as_the_contributions_there
     keep = wanted.reshape(-1)[full.pixel_ids]
     by_pixel = torch.sort(pixel, stable=True).indices  # listed tile by tile, front to back within a pixel
     assert torch.equal(pixel[by_pixel], full.pixel_ids[keep])
-    assert torch.equal(entry.long()[by_pixel], full.gaussian_ids[keep])
+    assert entry.dtype == torch.int64 and torch.equal(entry[by_pixel], full.gaussian_ids[keep])
     torch.testing.assert_close(weight[by_pixel], full.weights[keep], atol=1e-6, rtol=1e-5)
     view, K = look_at((0.3, -0.4, 3.0)), intrinsics(W, H)
     means, quats, scales, opacities, colors = random_gaussians(300, seed=12)

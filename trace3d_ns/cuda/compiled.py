@@ -195,13 +195,13 @@ class _PairRecord:
 
 
 PAIR_RECORD = _PairRecord()
-_NO_PAIRS = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+_NO_PAIRS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
 """`composite_tiles`' pair arguments when no pairs are listed."""
 
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse, pairs):
+    def forward(ctx, means2d, conics, opacities, colors, backgrounds, absgrad, geometry, layout, sparse, pairs, num_gaussians):
         kernels = load()
         starts, flat, width, height, tile_size, tile_width, tiles_per_cam = layout
         C = backgrounds.shape[0]
@@ -220,13 +220,14 @@ class _Composite(torch.autograd.Function):
         capacity = PAIR_RECORD.capacity(num_sparse) if pairs else 0
         while True:
             listed = (
-                np.empty(workers * capacity, np.int64), np.empty(workers * capacity, np.int32),
+                np.empty(workers * capacity, np.int64), np.empty(workers * capacity, np.int64),
                 np.empty(workers * capacity, np.float32), np.zeros(workers, np.int64),
             ) if pairs else _NO_PAIRS
             with _LOCK:
                 kernels.composite_tiles(
                     kernels.MODE_RENDER, *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam,
-                    1, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, workers, *sparse, *rec, *listed,
+                    num_gaussians, np.zeros(0, np.int32), out, trans, last, i64, i64, i64, i64, f32, workers, *sparse,
+                    *rec, *listed,
                 )
             used = listed[3]
             if not pairs or used.max(initial=0) <= capacity:
@@ -241,8 +242,10 @@ class _Composite(torch.autograd.Function):
         if not pairs:
             return render, alpha
         PAIR_RECORD.update(used, num_sparse)
-        keep = np.concatenate([np.arange(w * capacity, w * capacity + used[w]) for w in range(workers)])
-        listed_t = tuple(torch.from_numpy(a[keep]) for a in listed[:3])  # [P] pixel, flattened Gaussian, alpha * T
+        listed_t = tuple(  # [P] pixel, Gaussian, alpha * T: each worker's part, in turn
+            torch.from_numpy(np.concatenate([a[w * capacity : w * capacity + used[w]] for w in range(workers)]))
+            for a in listed[:3]
+        )
         ctx.mark_non_differentiable(*listed_t)
         return (render, alpha, *listed_t)
 
@@ -271,7 +274,7 @@ class _Composite(torch.autograd.Function):
             grads[:, 2:5].to(conics.dtype),
             grads[:, 5].to(opacities.dtype),
             grads[:, E:].to(colors.dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -298,8 +301,8 @@ def composite(
     `sparse_pixels`, channels from `sparse_from` on are composited only there and are 0 elsewhere
     (a loss that reads a few pixels of them skips the work on the rest). With `sparse_pixels` and
     `sparse_pairs` (and no `sparse_from`), the forward also lists every visit it composites at those
-    pixels, returned as a third to fifth output: pixel ids (c * H * W + y * W + x) [P] int64, flattened
-    Gaussians (c * N + n) [P] int32 and their alpha * T [P] float32, in the order the tiles composite
+    pixels, returned as a third to fifth output: pixel ids (c * H * W + y * W + x) [P] int64, Gaussians
+    (n) [P] int64 and their alpha * T [P] float32, in the order the tiles composite
     them (front to back within each pixel; no gradient): channels composited with fixed weights need nothing else. When a gradient is
     needed, the forward records its visits for the backward (`VISIT_RECORD`)."""
     C, N, K = colors.shape
@@ -322,7 +325,7 @@ def composite(
         raise ValueError("sparse_pairs lists the visits at sparse_pixels: give sparse_pixels and no sparse_from channels")
     return _Composite.apply(
         means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N), colors.reshape(C * N, K),
-        backgrounds, absgrad, geometry, layout, sparse, sparse_pairs,
+        backgrounds, absgrad, geometry, layout, sparse, sparse_pairs, N,
     )
 
 

@@ -142,7 +142,7 @@ def composite_tiles(
     tile_size,
     tile_width,
     tiles_per_camera,
-    num_gaussians,  # N: pair / patch outputs report flatten_id % N
+    num_gaussians,  # N: pair / patch outputs (and the render's visit list) report flatten_id % N
     patch_map,  # [C * H * W] int32 patch of each pixel (patch modes)
     out_colors,  # [C * H * W, K] float32 (render)
     out_transmittance,  # [C * H * W] float64 final T (render)
@@ -163,7 +163,7 @@ def composite_tiles(
     rec_vis,  # [workers * capacity] float32 out: its exp(-sigma)
     rec_used,  # [workers] int64 out: visits each worker composited (recorded or not)
     pair_pixel,  # [workers * capacity] int64 out: pixel id of each composited visit at `sparse_pixels` (render), or empty
-    pair_entry,  # [workers * capacity] int32 out: its flattened Gaussian (flatten id)
+    pair_entry,  # [workers * capacity] int64 out: its Gaussian (flatten id % num_gaussians)
     pair_weight,  # [workers * capacity] float32 out: its alpha * T
     pair_used,  # [workers] int64 out: such visits per worker (those beyond its capacity are counted, not written)
 ):
@@ -254,7 +254,7 @@ def composite_tiles(
                             if pairs and sparse_pixels[pid]:
                                 if pair_n < pair_capacity:
                                     pair_pixel[pair_base + pair_n] = pid
-                                    pair_entry[pair_base + pair_n] = g
+                                    pair_entry[pair_base + pair_n] = g % num_gaussians
                                     pair_weight[pair_base + pair_n] = wf
                                 pair_n += 1
                             last[i] = e

@@ -260,12 +260,11 @@ def _composite_compiled(
     if extra_colors is not None and extra_pixels is not None and not extra_grad_to_geometry:
         # a few pixels of channels that do not move the geometry: composited from the visits the
         # render lists there, with their (fixed) weights; the tile kernels stay on the colours alone
-        render, alpha, pixel, entry, weight = compiled.composite(
+        render, alpha, pixel, gaussian, weight = compiled.composite(
             means2d, conics, opacities, colors, backgrounds, isect, width, height, tile_size, absgrad=absgrad_buffer,
             sparse_pixels=extra_pixels, sparse_pairs=True,
         )
         features = extra_colors.to(colors.dtype)  # [N, E]
-        gaussian = entry.long() % features.shape[0]  # [P]
         extra = compiled.weighted_rows(features, pixel, gaussian, weight, C * width * height)  # [C * H * W, E], 0 outside extra_pixels
         return render, alpha, extra.reshape(C, height, width, -1)
     channels = colors
