@@ -125,4 +125,3 @@ def release_freed_host_memory() -> bool:
         return False
     _LIBC_TRIM(0)
     return True
-

@@ -83,11 +83,6 @@ def kernel_threads() -> int:
     return max(1, numba.get_num_threads())
 
 
-def _chunks() -> int:
-    """Parallel chunks for the kernels that split work by hand: the threads numba uses now."""
-    return kernel_threads()
-
-
 def _np(t: Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
@@ -213,7 +208,7 @@ class _Composite(torch.autograd.Function):
         trans = np.empty(num_pixels, dtype=np.float64)
         last = np.empty(num_pixels, dtype=np.int32)
         i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        workers = _chunks()
+        workers = kernel_threads()
         record = any(ctx.needs_input_grad[:4])  # only a backward reads the record
         rec = VISIT_RECORD.buffers(starts.shape[0] - 1, flat.shape[0], num_pixels, workers) if record else _NO_RECORD
         num_sparse = int(sparse[1].sum()) if pairs else 0
@@ -262,10 +257,10 @@ class _Composite(torch.autograd.Function):
             kernels.backward_tiles(
                 *arrays, bg, starts, flat, width, height, tile_size, tile_width, tiles_per_cam, geometry,
                 trans, last, _np(v_render.reshape(-1, K), np.float32), _np(v_alpha.reshape(-1), np.float32),
-                v_entries, _chunks(), *sparse, *rec,
+                v_entries, kernel_threads(), *sparse, *rec,
             )
             # [CN, 8 + K] summed per Gaussian
-            grads = torch.from_numpy(kernels.reduce_entries(flat, v_entries, means2d.shape[0], _chunks()))
+            grads = torch.from_numpy(kernels.reduce_entries(flat, v_entries, means2d.shape[0], kernel_threads()))
         if absgrad is not None:
             absgrad.view(-1, 2).add_(grads[:, 6:8].to(absgrad.device))
         ctx.state = None
@@ -302,9 +297,9 @@ def composite(
     (a loss that reads a few pixels of them skips the work on the rest). With `sparse_pixels` and
     `sparse_pairs` (and no `sparse_from`), the forward also lists every visit it composites at those
     pixels, returned as a third to fifth output: pixel ids (c * H * W + y * W + x) [P] int64, Gaussians
-    (n) [P] int64 and their alpha * T [P] float32, in the order the tiles composite
-    them (front to back within each pixel; no gradient): channels composited with fixed weights need nothing else. When a gradient is
-    needed, the forward records its visits for the backward (`VISIT_RECORD`)."""
+    (n) [P] int64 and their alpha * T [P] float32, in the order the tiles composite them (front to
+    back within each pixel; no gradient): channels composited with fixed weights need nothing else.
+    When a gradient is needed, the forward records its visits for the backward (`VISIT_RECORD`)."""
     C, N, K = colors.shape
     tile_width = -(-width // tile_size)
     tiles_per_cam = tile_width * -(-height // tile_size)
@@ -383,8 +378,8 @@ def _count_then_fill(
     i64, f32 = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with _LOCK:
         kernels.composite_tiles(
-            count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, _chunks(), 0, _NO_PIXELS, *_NO_RECORD,
-            *_NO_PAIRS,
+            count_mode, *arrays, *common, *unused, counts, i64, i64, i64, f32, kernel_threads(), 0, _NO_PIXELS,
+            *_NO_RECORD, *_NO_PAIRS,
         )
     total = int(counts.sum())
     _check_memory(total * 20, N, width, height, "the contribution list")
@@ -392,8 +387,8 @@ def _count_then_fill(
     gids, index, weights = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
     with _LOCK:
         kernels.composite_tiles(
-            fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, _chunks(), 0, _NO_PIXELS,
-            *_NO_RECORD, *_NO_PAIRS,
+            fill_mode, *arrays, *common, *unused, counts, offsets, gids, index, weights, kernel_threads(), 0,
+            _NO_PIXELS, *_NO_RECORD, *_NO_PAIRS,
         )
     return gids, index, weights
 

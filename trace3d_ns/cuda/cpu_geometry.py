@@ -207,7 +207,7 @@ def project_backward(
                     continue
                 seen = True
                 V = viewmats[cam]
-                fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
+                fx, fy = Ks[cam, 0, 0], Ks[cam, 1, 1]
                 tx, ty, tz = _to_camera(V, means, n, S, Sc)
                 lo_x, hi_x, lo_y, hi_y = bounds[cam, 0], bounds[cam, 1], bounds[cam, 2], bounds[cam, 3]
                 itz = 1.0 / tz
@@ -471,12 +471,6 @@ def _radix_sort_pairs(keys, ids):
         k_in, k_out = k_out, k_in
         i_in, i_out = i_out, i_in
     return i_in
-
-
-@njit(cache=True)
-def _radix_argsort(keys):  # [N] int32 bit patterns of float32 depths
-    """Stable argsort [N] int32 of float32 values given as their bits (`_radix_sort_pairs`)."""
-    return _radix_sort_pairs(keys, np.arange(keys.shape[0]).astype(np.int32))
 
 
 @njit(parallel=True, cache=True)

@@ -265,7 +265,7 @@ def _composite_compiled(
             sparse_pixels=extra_pixels, sparse_pairs=True,
         )
         features = extra_colors.to(colors.dtype)  # [N, E]
-        extra = compiled.weighted_rows(features, pixel, gaussian, weight, C * width * height)  # [C * H * W, E], 0 outside extra_pixels
+        extra = compiled.weighted_rows(features, pixel, gaussian, weight, C * width * height)  # [C*H*W, E], 0 elsewhere
         return render, alpha, extra.reshape(C, height, width, -1)
     channels = colors
     if extra_colors is not None:
